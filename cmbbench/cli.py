@@ -1,0 +1,186 @@
+"""The ``cmbbench`` command line: a thin layer over the library.
+
+Exit codes (also in ``docs/cli.md``): 0 success; 1 unexpected internal error; 2 usage error;
+3 missing input; 4 unreadable input; 5 geometry mismatch; 6 invalid values; 7 configuration
+error; 70 internal consistency check failed. Errors are one line on stderr
+(``cmbbench: error: <file>: <problem>``), or a JSON object on stdout with ``--json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .errors import EXIT_CODES, CmbbenchError
+
+log = logging.getLogger("cmbbench")
+
+
+def _setup_logging(quiet: bool) -> None:
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+def _fail(exc: CmbbenchError, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps({"ok": False, "error": {
+            "type": type(exc).__name__, "message": str(exc),
+            "path": None if exc.path is None else str(exc.path), "exit_code": exc.exit_code}}))
+    else:
+        click.echo(f"cmbbench: error: {exc}", err=True)
+    sys.exit(exc.exit_code)
+
+
+def _fmt(v: float, digits: int = 3) -> str:
+    return "nan" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
+
+
+def summary_lines(result) -> list[str]:  # noqa: ANN001 - ScoreResult, imported lazily
+    """A short human-readable summary of a :class:`cmbbench.scoring.ScoreResult`."""
+    a = result.aggregates
+    ci = result.ci
+
+    def with_ci(key: str) -> str:
+        s = _fmt(a[key])
+        if ci is not None and key in ci.lower and not math.isnan(ci.lower[key]):
+            s += f"  [{_fmt(ci.lower[key])}, {_fmt(ci.upper[key])}]"
+        return s
+
+    lines = [
+        f"rule {result.rule.rule_id}: {result.rule.description}",
+        f"scans {int(a['n_scans'])} ({int(a['n_scans_positive'])} with CMBs), reference CMBs "
+        f"{int(a['n_ref'])}, predicted {int(a['n_pred'])} at threshold "
+        f"{result.rule.operating_threshold:g}",
+        f"TP {int(a['tp'])}  FP {int(a['fp'])}  FN {int(a['fn'])}  ignored {int(a['ignored'])}"
+        + (f"  merged {int(a['merged'])}" if a["merged"] else ""),
+        "",
+        f"{'metric':<28}{'value':<10}{'95% CI (bootstrap over scans)' if ci else ''}",
+        f"{'precision (pooled)':<28}{with_ci('precision_pooled')}",
+        f"{'recall (pooled)':<28}{with_ci('recall_pooled')}",
+        f"{'F1 (pooled)':<28}{with_ci('f1_pooled')}",
+        f"{'FP per scan (all scans)':<28}{with_ci('fp_per_scan')}",
+        f"{'FP per reference CMB':<28}{with_ci('fp_per_cmb')}",
+        f"{'precision per scan':<28}{_fmt(a['precision_mean'])} ± {_fmt(a['precision_sd'])}"
+        f"  (n={int(a['precision_n'])})",
+        f"{'recall per scan':<28}{_fmt(a['recall_mean'])} ± {_fmt(a['recall_sd'])}"
+        f"  (n={int(a['recall_n'])})",
+        f"{'F1 per scan':<28}{_fmt(a['f1_mean'])} ± {_fmt(a['f1_sd'])}  (n={int(a['f1_n'])})",
+        f"{'CPM (FROC 1/8..8 FP/scan)':<28}{with_ci('cpm')}",
+        f"{'average precision':<28}{with_ci('average_precision')}",
+        f"{'scan >=1 CMB sens/spec':<28}{_fmt(a['scan_ge1_sensitivity'])} / "
+        f"{_fmt(a['scan_ge1_specificity'])}  AUROC {_fmt(a['scan_ge1_auroc'])}",
+        f"{'count MAE':<28}{_fmt(a['count_mae'])}",
+        f"{'Dice (matched pairs)':<28}{_fmt(a['dice_pairs_mean'])}",
+    ]
+    if result.missing:
+        lines.append(f"scored as empty (no prediction): {', '.join(result.missing)}")
+    return lines
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="cmbbench")
+def main() -> None:
+    """cmbbench: benchmark cerebral microbleed (CMB) detection on brain MRI."""
+
+
+@main.command()
+@click.argument("pred_dir", type=click.Path(path_type=Path))
+@click.option("--reference", "reference", required=True, type=click.Path(path_type=Path),
+              help="Harmonized reference dataset folder.")
+@click.option("--rule", default="cmbbench", show_default=True,
+              help="Matching rule: cmbbench, delpozo2024, valdo2021, dou2016, wmh2017.")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Results folder [default: results/<pred_dir name>/<rule>].")
+@click.option("--missing", type=click.Choice(["error", "empty"]), default="error",
+              show_default=True, help="A scan without prediction: fail, or score it as empty.")
+@click.option("--threshold", type=float, default=None,
+              help="Operating threshold on candidate scores [default: the rule's, 0.5].")
+@click.option("--floor", type=float, default=None,
+              help="Probability floor of candidate extraction [default: the rule's].")
+@click.option("--n-boot", type=int, default=1000, show_default=True,
+              help="Bootstrap replicates over scans for the CIs (0: none).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Bootstrap RNG seed.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+@click.option("--quiet", is_flag=True, help="Only warnings and errors on stderr.")
+def score(pred_dir: Path, reference: Path, rule: str, out: Path | None, missing: str,
+          threshold: float | None, floor: float | None, n_boot: int, seed: int, as_json: bool,
+          quiet: bool) -> None:
+    """Score the predictions in PRED_DIR against a reference dataset.
+
+    Writes matches.csv (one row per reference CMB and per candidate), scans.csv, aggregates
+    (JSON + CSV), froc.csv and strata.csv, and prints a summary.
+    """
+    _setup_logging(quiet or as_json)
+    from .scoring import score_folder
+
+    try:
+        result = score_folder(pred_dir, reference, rule=rule, missing=missing,  # type: ignore[arg-type]
+                              n_boot=n_boot, seed=seed,
+                              rule_overrides={"operating_threshold": threshold,
+                                              "candidate_floor": floor})
+        out_dir = out or Path("results") / pred_dir.resolve().name / result.rule.name
+        result.save(out_dir)
+    except CmbbenchError as exc:
+        _fail(exc, as_json)
+        return
+    if as_json:
+        click.echo(json.dumps({"ok": True, "out": str(out_dir), **result.to_json_dict()}))
+    else:
+        for line in summary_lines(result):
+            click.echo(line)
+        click.echo(f"\nresults written to {out_dir}")
+
+
+@main.group()
+def rules() -> None:
+    """Matching rules (named, versioned presets)."""
+
+
+@rules.command("list")
+def rules_list() -> None:
+    """List the preset matching rules."""
+    from .matching import list_rules
+
+    for r in list_rules():
+        click.echo(f"{r.rule_id:<16}{r.description}")
+
+
+@rules.command("show")
+@click.argument("name")
+def rules_show(name: str) -> None:
+    """Show every parameter of rule NAME as JSON."""
+    from .matching import get_rule
+
+    try:
+        click.echo(json.dumps(get_rule(name).to_dict(), indent=2))
+    except CmbbenchError as exc:
+        _fail(exc, False)
+
+
+@main.command("make-example")
+@click.argument("out_dir", type=click.Path(path_type=Path))
+def make_example_cmd(out_dir: Path) -> None:
+    """Write a small scoring example: OUT_DIR/reference and OUT_DIR/predictions."""
+    from .examples import make_example
+
+    ds, pred = make_example(out_dir)
+    click.echo(f"reference dataset: {ds.root} ({len(ds.scan_ids)} scans, {len(ds.lesions)} CMBs)")
+    click.echo(f"predictions:       {pred}")
+    click.echo(f"next: cmbbench score {pred} --reference {ds.root}")
+
+
+@main.command("exit-codes")
+def exit_codes() -> None:
+    """List the documented exit codes."""
+    for code, meaning in sorted(EXIT_CODES.items()):
+        click.echo(f"{code:>3}  {meaning}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
