@@ -209,8 +209,8 @@ class GrowRule:
 
     A seed is the darkest voxel within one voxel (26-neighbourhood) of the annotated point. The
     local background level is the median intensity in a spherical shell between
-    ``shell_inner_fraction * radius`` and ``radius`` (``radius = max_diameter_mm / 2``) around
-    the seed. Voxels darker than ``seed + contrast_fraction * (background - seed)`` that are
+    ``radius`` and ``shell_outer_fraction * radius`` (``radius = max_diameter_mm / 2``) around
+    the seed, i.e. just outside the largest mask allowed. Voxels darker than ``seed + contrast_fraction * (background - seed)`` that are
     ``connectivity``-connected to the seed and inside the ball of ``radius`` mm form the mask
     (half-contrast, i.e. full width at half depth, by default). Without contrast (background
     not brighter than the seed) the mask is the seed voxel alone. Voxels claimed by two grown
@@ -219,7 +219,7 @@ class GrowRule:
 
     contrast_fraction: float = 0.5
     max_diameter_mm: float = 10.0
-    shell_inner_fraction: float = 0.7
+    shell_outer_fraction: float = 1.5
     connectivity: int = 6
     name: str = "cmbbench-halfcontrast@1"
 
@@ -253,7 +253,7 @@ def grow_from_points(image: np.ndarray, affine: np.ndarray, points_vox: np.ndarr
     owner_dist = np.full(img.shape, np.inf, dtype=np.float32)
     spacing = voxel_sizes(affine)
     radius = rule.max_diameter_mm / 2.0
-    half = np.ceil(radius / spacing).astype(int)
+    half = np.ceil(rule.shell_outer_fraction * radius / spacing).astype(int)
     pts = np.atleast_2d(np.asarray(points_vox, dtype=np.float64)).reshape(-1, 3)
     for n, p in enumerate(pts, start=1):
         centre = np.clip(np.rint(p).astype(int), 0, shape - 1)
@@ -263,7 +263,11 @@ def grow_from_points(image: np.ndarray, affine: np.ndarray, points_vox: np.ndarr
         nb = img[lo3[0]:hi3[0], lo3[1]:hi3[1], lo3[2]:hi3[2]]
         nb = np.where(np.isfinite(nb), nb, np.inf)
         if np.isfinite(nb).any():
-            seed = lo3 + np.array(np.unravel_index(np.argmin(nb), nb.shape))
+            # darkest neighbour; among equally dark voxels the one nearest the annotation
+            offs = np.argwhere(np.ones(nb.shape, dtype=bool)) + lo3
+            d2 = (((offs - p) * spacing) ** 2).sum(axis=1)
+            best = np.lexsort((d2, nb.ravel()))[0]
+            seed = offs[best]
         else:
             seed = centre
         lo = np.maximum(seed - half, 0)
@@ -276,7 +280,8 @@ def grow_from_points(image: np.ndarray, affine: np.ndarray, points_vox: np.ndarr
         ball = dist <= radius + 1e-9
         s_local = tuple(seed - lo)
         seed_val = crop[s_local]
-        shell = ball & (dist >= rule.shell_inner_fraction * radius) & np.isfinite(crop)
+        shell = ((dist > radius) & (dist <= rule.shell_outer_fraction * radius)
+                 & np.isfinite(crop))
         region = np.zeros(crop.shape, dtype=bool)
         region[s_local] = True
         if shell.any() and np.isfinite(seed_val):
