@@ -156,6 +156,35 @@ def prepare(table: pd.DataFrame, scans: pd.DataFrame) -> PreparedTables:
     )
 
 
+def _froc_arrays(prep: PreparedTables, w: np.ndarray) -> dict[str, np.ndarray | float]:
+    """Operating points as arrays (see :func:`froc_curve`); the fast path of the bootstrap."""
+    n_ref = float(w[prep.hit_scan].sum()) if prep.hit_scan.size else 0.0
+    n_scans = float(w.sum())
+    detected = ~np.isnan(prep.hit_score)
+    n_det = int(detected.sum())
+    n_tpp, n_fp = prep.tp_pred_score.size, prep.fp_score.size
+    ev_score = np.concatenate([prep.hit_score[detected], prep.tp_pred_score, prep.fp_score])
+    thr = np.unique(ev_score)[::-1]
+    idx = np.searchsorted(-thr, -ev_score)  # position of each event's threshold
+    zeros = np.zeros
+
+    def cum(weights: np.ndarray) -> np.ndarray:
+        return np.r_[0.0, np.cumsum(np.bincount(idx, weights=weights, minlength=thr.size))]
+
+    tp = cum(np.concatenate([w[prep.hit_scan[detected]], zeros(n_tpp), zeros(n_fp)]))
+    tpp = cum(np.concatenate([zeros(n_det), w[prep.tp_pred_scan], zeros(n_fp)]))
+    fp = cum(np.concatenate([zeros(n_det), zeros(n_tpp), w[prep.fp_scan]]))
+    counted = tpp + fp
+    with np.errstate(invalid="ignore", divide="ignore"):
+        precision = np.where(counted > 0, tpp / np.where(counted > 0, counted, 1.0), np.nan)
+    return {
+        "threshold": np.r_[np.inf, thr], "tp": tp, "tp_pred": tpp, "fp": fp,
+        "sensitivity": tp / n_ref if n_ref else np.full(tp.shape, np.nan),
+        "fp_per_scan": fp / n_scans if n_scans else np.full(fp.shape, np.nan),
+        "precision": precision,
+    }
+
+
 def froc_curve(prep: PreparedTables, weights: np.ndarray | None = None) -> pd.DataFrame:
     """Every operating point of the free-response ROC, pooled over scans.
 
@@ -167,56 +196,34 @@ def froc_curve(prep: PreparedTables, weights: np.ndarray | None = None) -> pd.Da
     No point is dropped or replaced.
     """
     w = np.ones(len(prep.scans)) if weights is None else np.asarray(weights, dtype=np.float64)
-    n_ref = float(w[prep.hit_scan].sum()) if prep.hit_scan.size else 0.0
-    n_scans = float(w.sum())
-    detected = ~np.isnan(prep.hit_score)
-    ev_score = np.concatenate([prep.hit_score[detected], prep.tp_pred_score, prep.fp_score])
-    ev_tp = np.concatenate([w[prep.hit_scan[detected]], np.zeros(prep.tp_pred_score.size),
-                            np.zeros(prep.fp_score.size)])
-    ev_tpp = np.concatenate([np.zeros(int(detected.sum())), w[prep.tp_pred_scan],
-                             np.zeros(prep.fp_score.size)])
-    ev_fp = np.concatenate([np.zeros(int(detected.sum())), np.zeros(prep.tp_pred_score.size),
-                            w[prep.fp_scan]])
-    thr = np.unique(ev_score)[::-1]
-    idx = np.searchsorted(-thr, -ev_score)  # position of each event's threshold
-    tp = np.cumsum(np.bincount(idx, weights=ev_tp, minlength=thr.size)) if thr.size else ev_tp
-    tpp = np.cumsum(np.bincount(idx, weights=ev_tpp, minlength=thr.size)) if thr.size else ev_tpp
-    fpc = np.cumsum(np.bincount(idx, weights=ev_fp, minlength=thr.size)) if thr.size else ev_fp
-    curve = pd.DataFrame({
-        "threshold": np.r_[np.inf, thr],
-        "tp": np.r_[0.0, tp], "tp_pred": np.r_[0.0, tpp], "fp": np.r_[0.0, fpc],
-    })
-    curve["sensitivity"] = curve["tp"] / n_ref if n_ref else np.nan
-    curve["fp_per_scan"] = curve["fp"] / n_scans if n_scans else np.nan
-    counted = curve["tp_pred"] + curve["fp"]
-    curve["precision"] = np.where(counted > 0, curve["tp_pred"] / counted.where(counted > 0, 1),
-                                  np.nan)
-    return curve
+    return pd.DataFrame(_froc_arrays(prep, w))
 
 
-def sensitivity_at(curve: pd.DataFrame, fp_rate: float) -> float:
+def sensitivity_at(curve: pd.DataFrame | dict, fp_rate: float) -> float:
     """FROC sensitivity at ``fp_rate`` false positives per scan (step rule, no interpolation).
 
     The highest sensitivity among operating points with ``fp_per_scan <= fp_rate``. When the
     whole curve stays below ``fp_rate`` this is the sensitivity at the lowest threshold (more
     false positives cannot be had). NaN without reference lesions.
     """
-    ok = curve["fp_per_scan"] <= fp_rate + 1e-12
-    if curve["sensitivity"].isna().all():
+    sens = np.asarray(curve["sensitivity"], dtype=np.float64)
+    fpr = np.asarray(curve["fp_per_scan"], dtype=np.float64)
+    if np.isnan(sens).all():
         return float("nan")
-    return float(curve.loc[ok, "sensitivity"].max())
+    ok = fpr <= fp_rate + 1e-12
+    return float(sens[ok].max()) if ok.any() else float("nan")
 
 
-def average_precision(curve: pd.DataFrame) -> float:
+def average_precision(curve: pd.DataFrame | dict) -> float:
     """Area under the lesion precision-recall step curve: ``sum (R_n - R_{n-1}) P_n``.
 
     Computed over the FROC operating points (recall = sensitivity). NaN without reference
     lesions; 0 when lesions exist but nothing is ever detected.
     """
-    rec = curve["sensitivity"].to_numpy(np.float64)
+    rec = np.asarray(curve["sensitivity"], dtype=np.float64)
     if np.isnan(rec).all():
         return float("nan")
-    prec = np.nan_to_num(curve["precision"].to_numpy(np.float64), nan=0.0)
+    prec = np.nan_to_num(np.asarray(curve["precision"], dtype=np.float64), nan=0.0)
     return float(np.sum(np.diff(rec) * prec[1:]))
 
 
@@ -284,7 +291,7 @@ def aggregate(prep: PreparedTables, *, operating_threshold: float,
         mean, sd, n = _wmean_sd(sc[m].to_numpy(np.float64), w)
         out[f"{m}_mean"], out[f"{m}_sd"], out[f"{m}_n"] = mean, sd, float(n)
 
-    curve = froc_curve(prep, w)
+    curve = _froc_arrays(prep, w)
     sens = [sensitivity_at(curve, f) for f in FROC_FP_RATES]
     for f, s in zip(FROC_FP_RATES, sens):
         out[f"sens_at_{f:g}_fp"] = s
