@@ -25,6 +25,9 @@ log = logging.getLogger("cmbbench")
 def _setup_logging(quiet: bool) -> None:
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    # nibabel logs header problems through its own stderr handler (and ours): a corrupt header
+    # would print several lines before cmbbench's one-line error that already reports it.
+    logging.getLogger("nibabel").setLevel(logging.CRITICAL)
 
 
 def _fail(exc: CmbbenchError, as_json: bool) -> None:
@@ -161,6 +164,57 @@ def rules_show(name: str) -> None:
         click.echo(json.dumps(get_rule(name).to_dict(), indent=2))
     except CmbbenchError as exc:
         _fail(exc, False)
+
+
+@main.group()
+def datasets() -> None:
+    """Datasets: the registry, and generation of the synthetic (SYNTH-*) datasets."""
+
+
+@datasets.command("list")
+def datasets_list() -> None:
+    """List the datasets of the registry and whether each is available locally."""
+    from .registry import dataset_cache_dir, list_cards
+
+    try:
+        cards = list_cards()
+    except CmbbenchError as exc:
+        _fail(exc, False)
+        return
+    for card in cards:
+        local = dataset_cache_dir(card)
+        state = "ready" if (local / "dataset.json").is_file() else (
+            "generated on first use" if card.get("kind") == "synthetic" else "not prepared")
+        click.echo(f"{card['name']:<14}v{str(card.get('version', '')):<5}"
+                   f"{card.get('kind', 'real'):<10}{state:<24}{local}")
+
+
+@datasets.command("make")
+@click.argument("name")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Output folder [default: the data home, see `datasets list`].")
+@click.option("--workers", type=int, default=1, show_default=True,
+              help="Processes generating scans in parallel.")
+@click.option("--quiet", is_flag=True, help="No progress report.")
+def datasets_make(name: str, out: Path | None, workers: int, quiet: bool) -> None:
+    """Generate the synthetic dataset NAME (resumes an interrupted run)."""
+    _setup_logging(True)
+    from .progress import ProgressReporter
+    from .registry import dataset_cache_dir, load_card
+    from .synth.make import make_dataset
+    from .synth.recipe import recipe_from_card
+
+    try:
+        card = load_card(name)
+        recipe = recipe_from_card(card)
+        target = out or dataset_cache_dir(card)
+        ds = make_dataset(recipe, target, workers=workers, card=card,
+                          progress=ProgressReporter(f"generating {recipe.name}", quiet=quiet))
+    except CmbbenchError as exc:
+        _fail(exc, False)
+        return
+    click.echo(f"{ds.name}: {len(ds.scan_ids)} scans, {len(ds.lesions)} CMBs, "
+               f"{0 if ds.mimics is None else len(ds.mimics)} mimics in {ds.root}")
 
 
 @main.command("make-example")

@@ -49,7 +49,8 @@ def read_csv(path: Path, required: tuple[str, ...], *, dtype: dict | None = None
     if not path.is_file():
         raise MissingInputError("file not found", path)
     try:
-        frame = pd.read_csv(path, dtype=dtype, keep_default_na=True)
+        frame = pd.read_csv(path, dtype=dtype, keep_default_na=True,
+                            float_precision="round_trip")
     except pd.errors.EmptyDataError:
         frame = pd.DataFrame(columns=list(required))
     except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as exc:
@@ -153,7 +154,9 @@ def read_dataset(root: str | Path) -> HarmonizedDataset:
     if (root / "mimics.csv").is_file():
         mimics = read_csv(root / "mimics.csv", ("scan_id",), dtype={"scan_id": str})
     return HarmonizedDataset(root=root, card=card, scans=scans,
-                             lesions=lesions[list(LESION_COLUMNS)], mimics=mimics)
+                             lesions=lesions[list(LESION_COLUMNS) + [
+                                 c for c in lesions.columns if c not in LESION_COLUMNS]],
+                             mimics=mimics)
 
 
 @dataclass

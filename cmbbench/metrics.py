@@ -100,7 +100,8 @@ def scan_table(table: pd.DataFrame, scan_ids: list[str] | pd.Series,
     out["count_diff"] = out["n_pred"] - out["n_ref"]
     out["abs_count_diff"] = out["count_diff"].abs()
     live = cand[cand["outcome"] != "merged"]
-    out["max_score"] = live.groupby("scan_id")["score"].max().reindex(ids).fillna(0.0)
+    out["max_score"] = (live.groupby("scan_id")["score"].max().reindex(ids)
+                        .astype(np.float64).fillna(0.0))
     out = out.reset_index()
     if extra is not None and len(extra):
         extra = extra.copy()
@@ -322,13 +323,18 @@ def aggregate(prep: PreparedTables, *, operating_threshold: float,
 
 
 def _wmedian(x: np.ndarray, w: np.ndarray) -> float:
-    """Weighted median (lower median for ties at exactly half the weight); NaN if empty."""
+    """Weighted median with frequency weights: ``np.median`` of the sample in which each value
+    is repeated ``w`` times (the two middle values are averaged when the cumulative weight
+    reaches exactly half); NaN if empty."""
     ok = w > 0
     if not ok.any():
         return float("nan")
     order = np.argsort(x[ok], kind="stable")
     xs, cw = x[ok][order], np.cumsum(w[ok][order])
-    return float(xs[np.searchsorted(cw, cw[-1] / 2.0)])
+    i = int(np.searchsorted(cw, cw[-1] / 2.0))
+    if cw[i] == cw[-1] / 2.0 and i + 1 < xs.size:
+        return float((xs[i] + xs[i + 1]) / 2.0)
+    return float(xs[i])
 
 
 def _bin_labels(edges: tuple[float, ...], unit: str) -> list[str]:

@@ -17,7 +17,8 @@ import numpy as np
 from .errors import InvalidValuesError, MissingInputError, UnreadableInputError
 from .geometry import voxel_sizes
 
-__all__ = ["Volume", "read_volume", "write_volume", "NIFTI_SUFFIXES", "strip_nifti_suffix"]
+__all__ = ["Volume", "read_volume", "read_header", "write_volume", "NIFTI_SUFFIXES",
+           "strip_nifti_suffix"]
 
 NIFTI_SUFFIXES: tuple[str, ...] = (".nii.gz", ".nii")
 
@@ -54,6 +55,44 @@ def strip_nifti_suffix(name: str) -> str | None:
     return None
 
 
+_READ_ERRORS = (OSError, EOFError, ValueError, zlib.error, gzip.BadGzipFile,
+                nib.filebasedimages.ImageFileError, nib.spatialimages.HeaderDataError,
+                nib.wrapstruct.WrapStructError)
+
+
+def _load_image(path: Path) -> nib.Nifti1Image:
+    """Load a NIfTI image; a ``.nii.gz`` is decompressed once, in full, by :mod:`gzip`.
+
+    Decompressing the whole stream checks its CRC-32 and length trailer. nibabel alone stops
+    reading once it has the bytes the header asks for, so a ``.nii.gz`` whose trailer is cut off,
+    or whose deflate stream was altered without breaking it, would load silently (with wrong
+    voxel values in the second case). Raises ``EOFError``, ``gzip.BadGzipFile`` or nibabel's
+    errors.
+    """
+    if path.name.endswith(".gz"):
+        raw = gzip.decompress(path.read_bytes())
+        return nib.Nifti1Image.from_bytes(raw)
+    return nib.load(str(path))
+
+
+def read_header(path: str | Path) -> tuple[tuple[int, ...], np.ndarray]:
+    """Shape and RAS+ affine of a NIfTI file, from its header only (no voxel data read)."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingInputError("file not found", path)
+    try:
+        img = nib.load(str(path))
+        shape = tuple(int(n) for n in img.shape)
+        affine = np.asarray(img.affine, dtype=np.float64)
+    except _READ_ERRORS as exc:
+        raise UnreadableInputError(f"not a readable NIfTI image ({exc})", path) from None
+    if len(shape) == 4 and shape[3] == 1:
+        shape = shape[:3]
+    if len(shape) != 3:
+        raise InvalidValuesError(f"expected a 3D image, got shape {shape}", path)
+    return shape, affine
+
+
 def read_volume(path: str | Path, *, dtype: np.dtype | None = None) -> Volume:
     """Read a 3D NIfTI file.
 
@@ -77,11 +116,10 @@ def read_volume(path: str | Path, *, dtype: np.dtype | None = None) -> Volume:
     if not path.is_file():
         raise MissingInputError("file not found", path)
     try:
-        img = nib.load(str(path))
+        img = _load_image(path)
         data = np.asanyarray(img.dataobj)
         affine = np.asarray(img.affine, dtype=np.float64)
-    except (OSError, EOFError, ValueError, zlib.error, gzip.BadGzipFile,
-            nib.filebasedimages.ImageFileError) as exc:
+    except _READ_ERRORS as exc:
         raise UnreadableInputError(f"not a readable NIfTI image ({exc})", path) from None
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]

@@ -194,7 +194,7 @@ def _read_points_csv(path: Path, folder: PredictionsFolder, wanted: set[str]) ->
     if "score" not in frame.columns:
         frame["score"] = 1.0
     cols = ["x_mm", "y_mm", "z_mm"] if world else ["i", "j", "k"]
-    values = frame[cols + ["score"]].to_numpy(np.float64)
+    values = frame[cols + ["score"]].apply(pd.to_numeric, errors="coerce").to_numpy(np.float64)
     if not np.all(np.isfinite(values)):
         bad = int(np.flatnonzero(~np.all(np.isfinite(values), axis=1))[0]) + 2
         raise InvalidValuesError(f"non-numeric or NaN coordinate/score on line {bad}", path)

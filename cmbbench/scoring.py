@@ -29,7 +29,7 @@ from .harmonize import candidates_from_labels, candidates_from_probability, labe
 from .matching import MATCH_COLUMNS, MatchRule, get_rule, match_scan
 from .metrics import aggregate, froc_curve, prepare, scan_table, stratified
 from .model import CANDIDATE_COLUMNS
-from .nifti import Volume, read_volume
+from .nifti import Volume, read_header, read_volume
 from .predictions import PredictionsFolder, classify_map, read_predictions_folder
 from .statistics import BootstrapResult, bootstrap_ci
 
@@ -138,10 +138,16 @@ def score_case(*, scan_id: str, lesions: pd.DataFrame, image_shape: tuple[int, .
     extras: dict = {"prediction_kind": kind, "dice_scan": np.nan,
                     "volume_ref_mm3": np.nan, "volume_pred_mm3": np.nan}
     rater = ref_labels is not None and len(lesions) and (lesions["mask_source"] == "rater").all()
-    if (rater or (ref_labels is not None and len(lesions) == 0)) and prediction is not None:
+    # A scan with no prediction at all (kind "empty", e.g. a missing file scored with
+    # --missing=empty) predicts no voxel: its Dice is 0 against a non-empty rater mask, exactly
+    # as an all-zero map, not NaN (which would drop it from dice_scan_mean).
+    if (rater or (ref_labels is not None and len(lesions) == 0)) and (
+            prediction is not None or kind == "empty"):
         voxel_mm3 = float(abs(np.linalg.det(image_affine[:3, :3])))
         ref_fg = ref_labels > 0
-        if kind == "probability":
+        if prediction is None:
+            pred_fg = np.zeros(ref_fg.shape, dtype=bool)
+        elif kind == "probability":
             pred_fg = prediction >= rule.operating_threshold
         else:
             pred_fg = prediction > 0
@@ -255,10 +261,12 @@ class ScoreResult:
         info = json.loads((out / "aggregates.json").read_text())
         rule_d = {k: v for k, v in info["rule"].items() if k != "rule_id"}
         rule = MatchRule(**rule_d).validate()
+        # round_trip: pandas' default float parser is off by an ulp for about a third of values
         table = pd.read_csv(out / "matches.csv", dtype={"scan_id": str}, keep_default_na=False,
-                            na_values=[""])
+                            na_values=[""], float_precision="round_trip")
         table["sweep_status"] = table["sweep_status"].fillna("")
-        scans = pd.read_csv(out / "scans.csv", dtype={"scan_id": str})
+        scans = pd.read_csv(out / "scans.csv", dtype={"scan_id": str},
+                            float_precision="round_trip")
         ci = info.get("ci") or {}
         return cls.from_tables(table, scans, rule,
                                n_boot=ci.get("n_boot", 0) if n_boot is None else n_boot,
@@ -266,16 +274,18 @@ class ScoreResult:
                                meta=info.get("meta"))
 
 
-def _load_prediction(folder: PredictionsFolder, scan_id: str, image: Volume) -> tuple[np.ndarray | None, pd.DataFrame | None, Path | None]:
+def _load_prediction(folder: PredictionsFolder, scan_id: str, shape: tuple[int, ...],
+                     affine: np.ndarray
+                     ) -> tuple[np.ndarray | None, pd.DataFrame | None, Path | None]:
     if scan_id in folder.maps:
         path = folder.maps[scan_id]
         vol = read_volume(path)
-        if tuple(vol.data.shape) != tuple(image.data.shape):
+        if tuple(vol.data.shape) != tuple(shape):
             raise GeometryMismatchError(
                 f"prediction shape {tuple(vol.data.shape)} differs from the image shape "
-                f"{tuple(image.data.shape)}", path)
-        if not affines_match(vol.affine, image.affine):
-            delta = float(np.abs(vol.affine[:3] - image.affine[:3]).max())
+                f"{tuple(shape)}", path)
+        if not affines_match(vol.affine, affine):
+            delta = float(np.abs(vol.affine[:3] - affine[:3]).max())
             raise GeometryMismatchError(
                 f"prediction affine differs from the image affine (max difference {delta:.3g})",
                 path)
@@ -329,24 +339,26 @@ def score_folder(predictions: str | Path, reference: str | Path | HarmonizedData
                                 "--missing=empty to score it as empty", expected)
     tables, extras = [], []
     for scan_id in scan_ids:
-        image = ds.read_image(scan_id)
+        shape, affine = read_header(ds.image_path(scan_id))  # the grid; voxels not needed
         labels_vol = ds.read_labels(scan_id)
         ref_labels = None
         if labels_vol is not None:
-            if tuple(labels_vol.data.shape) != tuple(image.data.shape):
+            if tuple(labels_vol.data.shape) != tuple(shape):
                 raise GeometryMismatchError("label map shape differs from the image shape",
                                             labels_vol.path)
             ref_labels = np.asarray(labels_vol.data).astype(np.uint32, copy=False)
-        pred, pts, path = _load_prediction(folder, scan_id, image)
+        pred, pts, path = _load_prediction(folder, scan_id, shape, affine)
         case = score_case(scan_id=scan_id, lesions=ds.lesions_of(scan_id),
-                          image_shape=image.data.shape, image_affine=image.affine, rule=rule_obj,
+                          image_shape=shape, image_affine=affine, rule=rule_obj,
                           ref_labels=ref_labels, prediction=pred, points=pts,
                           prediction_path=path)
         tables.append(case.table)
         extras.append({"scan_id": scan_id, **case.extras})
-        log.info("scored %s: %d lesion row(s), %d candidate row(s)", scan_id,
-                 int((case.table["kind"] == "reference").sum()),
-                 int((case.table["kind"] == "candidate").sum()))
+        # DEBUG, not INFO: a failing run must print exactly one line on stderr (the error),
+        # so per-scan chatter must not precede it by default.
+        log.debug("scored %s: %d lesion row(s), %d candidate row(s)", scan_id,
+                  int((case.table["kind"] == "reference").sum()),
+                  int((case.table["kind"] == "candidate").sum()))
     non_empty = [t for t in tables if len(t)]
     table = (pd.concat(non_empty, ignore_index=True) if non_empty
              else pd.DataFrame(columns=list(MATCH_COLUMNS)))
