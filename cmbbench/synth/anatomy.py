@@ -55,23 +55,23 @@ from ..errors import ConfigurationError, InvalidValuesError, MissingInputError
 from ..geometry import affines_match, voxel_sizes
 
 __all__ = [
-    "Atlas",
-    "load_atlas",
+    "MARS_CLASSES",
     "TISSUES",
+    "TISSUE_TABLE",
+    "Atlas",
+    "Deformation",
+    "SubjectGrid",
+    "TissueProperties",
+    "TissueRange",
+    "load_atlas",
+    "mars_map",
+    "property_maps",
+    "random_deformation",
+    "sample_subject",
+    "sample_tissue_properties",
+    "smooth_random_field",
     "tissue_index",
     "tissue_map",
-    "MARS_CLASSES",
-    "mars_map",
-    "Deformation",
-    "random_deformation",
-    "SubjectGrid",
-    "sample_subject",
-    "TissueRange",
-    "TISSUE_TABLE",
-    "TissueProperties",
-    "sample_tissue_properties",
-    "property_maps",
-    "smooth_random_field",
 ]
 
 logger = logging.getLogger(__name__)
@@ -308,15 +308,18 @@ class Atlas:
     labels
         int16 FreeSurfer aparc+aseg label map (Desikan-Killiany), shape ``(143, 155, 181)``.
     t1
-        float32 MNI152 T1 (FSL, skull-stripped; arbitrary units, WM about 7100) trilinearly
-        resampled onto the label grid; 0 outside the brain.
+        float32 MNI152 T1 (FSL, skull-stripped; arbitrary units: WM about 7100, cortex 5800,
+        ventricles 1700) trilinearly resampled onto the label grid; 0 outside FSL's brain mask.
+        That mask is larger than the labelled brain: about 410 ml of label-0 voxels (sulcal and
+        extra-cerebral CSF, meninges) have T1 > 0 (median about 4700).
     affine
         4x4 voxel-to-world matrix (RAS+ mm, MNI152 space) of both arrays; 1 mm, LIA axes.
     source
         Human-readable provenance: package, version and files (with their licences).
 
-    The arrays of the cached :func:`load_atlas` instance are read-only.  :attr:`tissue` and
-    :attr:`mars` are derived once on first use.
+    The arrays of the cached :func:`load_atlas` instance are read-only.  :attr:`tissue`,
+    :attr:`mars` (about 1.5 s: two distance transforms) and :attr:`brain_box` are derived once,
+    on first use.
     """
 
     labels: np.ndarray = field(repr=False)
@@ -405,8 +408,10 @@ def load_atlas() -> Atlas:
 
     The T1 is resampled onto the label grid by trilinear interpolation through the two affines
     (target voxel -> world -> T1 voxel; for these two files the mapping is an exact axis
-    permutation with integer offsets, so no smoothing happens).  The result is cached; its arrays
-    are read-only.
+    permutation with integer offsets, so no smoothing happens). Unlabelled voxels inside the
+    T1's brain mask (sulcal and extra-cerebral CSF) and holes enclosed by the brain are labelled
+    CSF (24). The result is cached;
+    its arrays are read-only.
 
     Returns
     -------
@@ -433,6 +438,14 @@ def load_atlas() -> Atlas:
     t1 = ndi.affine_transform(t1_src, m[:3, :3], offset=m[:3, 3], output_shape=labels.shape,
                               order=1, mode="constant", cval=0.0, prefilter=False,
                               output=np.float32)
+    # FSL's brain mask is larger than the labelled brain: its unlabelled voxels (sulcal and
+    # extra-cerebral CSF, ~0.4 l) would otherwise be background (PD 0) around and inside the
+    # sulci. They are CSF (FreeSurfer label 24).
+    labels = np.where((labels == 0) & (t1 > 0), np.int16(24), labels).astype(np.int16)
+    # unlabelled holes enclosed by the brain (e.g. parts of the third ventricle, where the T1
+    # brain mask is empty too) are CSF as well
+    holes = ndi.binary_fill_holes(labels > 0) & (labels == 0)
+    labels[holes] = 24
     try:
         version = importlib.metadata.version(ATLAS_PACKAGE)
     except importlib.metadata.PackageNotFoundError:  # pragma: no cover - e.g. vendored checkout
@@ -672,7 +685,7 @@ def _axis_nodes(n: int, voxel_mm: float, spacing_mm: float) -> np.ndarray:
     """Evenly spaced (fractional) voxel positions from 0 to n-1, at most ``spacing_mm`` apart."""
     if n == 1:
         return np.zeros(1)
-    m = max(2, int(math.ceil((n - 1) * voxel_mm / spacing_mm)) + 1)
+    m = max(2, math.ceil((n - 1) * voxel_mm / spacing_mm) + 1)
     return np.linspace(0.0, n - 1.0, m)
 
 
@@ -838,8 +851,8 @@ def sample_subject(atlas: Atlas, deformation: Deformation, target_affine: np.nda
         sl = []
         for ax in range(3):
             nd = nodes[ax]
-            first = int(math.ceil(nd[ranges[ax][0]] - 1e-6))
-            last = int(math.floor(nd[ranges[ax][1]] + 1e-6))
+            first = math.ceil(nd[ranges[ax][0]] - 1e-6)
+            last = math.floor(nd[ranges[ax][1]] + 1e-6)
             sl.append(slice(first, last + 1))
             mats.append(full_mats[ax][first:last + 1])
         c = _separable(node_coords, mats)  # (3, n0', n1', n2') atlas voxel coords, float32
@@ -1097,7 +1110,7 @@ def smooth_random_field(rng: np.random.Generator, shape: Sequence[int],
     for n, s in zip(shp, sp):
         start = float(rng.uniform(0.0, 1.0))  # random phase of the node grid, in node units
         x = start + 1.0 + np.arange(n) * s / correlation_mm
-        m = max(4, int(math.ceil(x[-1])) + 2)
+        m = max(4, math.ceil(x[-1]) + 2)
         mats.append(_spline_matrix(x, m))
     field_ = rng.standard_normal(tuple(w.shape[1] for w in mats)).astype(np.float32)
     for ax in reversed(range(len(shp))):
