@@ -45,23 +45,23 @@ import scipy.ndimage
 from ..errors import ConfigurationError
 
 __all__ = [
+    "BLOOMING_CONSTANT",
+    "DEFAULT_PHASE_TOL_RAD",
     "GAMMA",
     "PHASE_SIGN",
-    "DEFAULT_PHASE_TOL_RAD",
-    "BLOOMING_CONSTANT",
-    "sphere_delta_b",
-    "cylinder_delta_b",
-    "dipole_field_fft",
-    "gre_steady_state",
     "Source",
     "SphereSource",
     "TubeSource",
-    "voxel_factor",
-    "swi_from_complex",
     "add_complex_noise",
-    "rician_sigma_for_snr",
-    "blooming_moment_for_diameter",
     "apparent_diameter_mm",
+    "blooming_moment_for_diameter",
+    "cylinder_delta_b",
+    "dipole_field_fft",
+    "gre_steady_state",
+    "rician_sigma_for_snr",
+    "sphere_delta_b",
+    "swi_from_complex",
+    "voxel_factor",
 ]
 
 #: Proton gyromagnetic ratio γ in rad s^-1 T^-1 (42.58 MHz/T).
@@ -324,7 +324,7 @@ def dipole_field_fft(chi_ppm: np.ndarray, voxel_mm: np.ndarray | tuple,
     vox = np.asarray(voxel_mm, dtype=np.float64).reshape(3)
     b = _unit(b0_dir_vox, "b0_dir_vox")
     shape = chi.shape
-    padded = tuple(scipy.fft.next_fast_len(int(math.ceil(n * pad_factor)), real=True)
+    padded = tuple(scipy.fft.next_fast_len(math.ceil(n * pad_factor), real=True)
                    for n in shape)
     spec = scipy.fft.rfftn(chi, s=padded, workers=-1)
     k0 = np.fft.fftfreq(padded[0], d=vox[0])[:, None, None]
@@ -360,9 +360,9 @@ def gre_steady_state(pd: np.ndarray | float, t1_ms: np.ndarray | float,
     r2s_per_s
         R2* in s^-1.
     te_ms, tr_ms
-        Echo and repetition time, ms.
+        Echo and repetition time, ms (scalars or broadcastable arrays).
     flip_deg
-        Flip angle α in degrees.
+        Flip angle α in degrees (scalar or broadcastable array).
 
     Returns
     -------
@@ -372,11 +372,11 @@ def gre_steady_state(pd: np.ndarray | float, t1_ms: np.ndarray | float,
     pd = np.asarray(pd, dtype=np.float64)
     t1 = np.asarray(t1_ms, dtype=np.float64)
     r2s = np.asarray(r2s_per_s, dtype=np.float64)
-    alpha = math.radians(float(flip_deg))
+    alpha = np.radians(np.asarray(flip_deg, dtype=np.float64))
     with np.errstate(divide="ignore", over="ignore"):
-        e1 = np.exp(-float(tr_ms) / t1)
-    return (pd * math.sin(alpha) * (1.0 - e1) / (1.0 - math.cos(alpha) * e1)
-            * np.exp(-float(te_ms) * 1e-3 * r2s))
+        e1 = np.exp(-np.asarray(tr_ms, dtype=np.float64) / t1)  # T1 = 0 gives E1 = 0
+    return (pd * np.sin(alpha) * (1.0 - e1) / (1.0 - np.cos(alpha) * e1)
+            * np.exp(-np.asarray(te_ms, dtype=np.float64) * 1e-3 * r2s))
 
 
 # --------------------------------------------------------------------------------------------
@@ -651,7 +651,8 @@ def voxel_factor(source: Source, affine: np.ndarray, shape: tuple[int, int, int]
     ``core_pd_ratio · exp(-TE · core_r2s)``, the attenuation **relative to the surrounding
     tissue**). Multiply ``F`` into a background complex image (``img[slices] *= F``) whose signal
     is smooth on the scale of a voxel. Averaging the *complex* signal over the voxel is what
-    produces blooming (intravoxel dephasing). Dephasing depends on ``B0 · TE`` only.
+    produces blooming (intravoxel dephasing). Dephasing depends on ``B0 · TE`` only; the core's
+    R2* attenuation depends on TE alone.
 
     Voxel sensitivity (sample footprint, centred on the voxel centre):
 
@@ -668,12 +669,15 @@ def voxel_factor(source: Source, affine: np.ndarray, shape: tuple[int, int, int]
     With ``cell_average`` (default) each sample stands for the average of ``exp(iφ)`` over its
     sampling cell under a locally linear phase: ``exp(iφ_c) · Π_a sinc(Δφ_a / 2)``, where
     ``Δφ_a = ∇φ · e_a`` is the phase change across the cell along array axis ``a``, from the
-    source's analytic field gradient (sources without one: finite differences between the
-    samples of a voxel). Next to a CMB core the phase changes by tens of rad per sample; plain
-    point sampling aliases it into spurious signal, the cell average suppresses it, so the
-    result converges with far fewer samples (1 mm core, 4 ppm, 3 T, 20 ms: min |F| within
-    ~0.01 of the converged value at 5 samples/mm, vs ~0.03 without). Sample coordinates and
-    phases are float32.
+    source's analytic field gradient (a source that has none gets plain point sampling). Next to
+    a CMB core the phase changes by tens of rad per sample; plain point sampling aliases it into
+    spurious signal, the cell average suppresses it, so the result converges with far fewer
+    samples. Accuracy at the defaults (1 mm core, 4 ppm, 3 T, 20 ms; vs 20 samples/mm): on
+    0.5x0.5x2 to 1x1x5 mm grids the largest voxel error is 0.002-0.04 (plain point sampling:
+    0.04-0.25) and min |F| is within ~0.01; on fine grids (0.25 mm, 2 samples per axis) the
+    voxels cut by the core boundary carry a partial-volume error up to ~0.1 (the samples
+    quantise the core fraction), while the mean error and the apparent diameter are unaffected.
+    Sample coordinates (relative to the source) and phases are float32.
 
     Parameters
     ----------
@@ -737,11 +741,12 @@ def voxel_factor(source: Source, affine: np.ndarray, shape: tuple[int, int, int]
 
     nsub = np.clip(np.ceil(footprint * float(samples_per_mm) - 1e-9).astype(np.int64), 1,
                    max(1, int(max_samples_per_voxel_axis)))
-    # voxel-space coordinates of the samples per axis: (n_vox_a, n_sub_a), cell centres
-    q = [np.arange(lo[a], hi[a], dtype=np.float64)[:, None]
+    # voxel-space coordinates of the samples per axis relative to the box corner ``lo``:
+    # (n_vox_a, n_sub_a), cell centres; all offsets stay small, so float32 loses nothing
+    q = [np.arange(nvox[a], dtype=np.float64)[:, None]
          + (((np.arange(nsub[a]) + 0.5) / nsub[a] - 0.5) * (footprint[a] / spacing[a]))[None, :]
          for a in range(3)]
-    t_rel = affine[:3, 3] - source.origin_mm
+    t_rel = m @ lo.astype(np.float64) + affine[:3, 3] - source.origin_mm
     bshape = [(-1, nsub[0], 1, 1, 1, 1), (1, 1, -1, nsub[1], 1, 1), (1, 1, 1, 1, -1, nsub[2])]
     # per-axis contributions to each world component, offsets from the source origin (float32)
     contrib = [[(m[c, a] * q[a] + (t_rel[c] if a == 0 else 0.0)).astype(np.float32)
@@ -753,23 +758,19 @@ def voxel_factor(source: Source, affine: np.ndarray, shape: tuple[int, int, int]
     step = max(1, _MAX_POINTS_PER_BLOCK // max(per_i, 1))
     # one sampling cell's edge along each array axis, world mm
     edges = [m[:, a] * (footprint[a] / spacing[a] / nsub[a]) for a in range(3)]
-    half_over_pi = np.float32(0.5 / np.pi)
+    half_step = np.float32(pscale * 0.5 / np.pi)
     for i0 in range(0, int(nvox[0]), step):
         i1 = min(int(nvox[0]), i0 + step)
         dx, dy, dz = (contrib[c][0][i0:i1] + contrib[c][1] + contrib[c][2] for c in range(3))
         amp = source.amplitude_local(dx, dy, dz, te_ms)
         res = source.delta_b_local(dx, dy, dz, b, b0_t, edges) if cell_average else None
-        if res is None or res is NotImplemented:
+        if res is None or res is NotImplemented:  # plain point sampling
             phase = source.delta_b_local(dx, dy, dz, b, b0_t) * np.float32(pscale)
-            if cell_average:  # finite differences between the samples of a voxel
-                for ax, n in zip((1, 3, 5), nsub):
-                    if n > 1:
-                        amp = amp * np.sinc(np.gradient(phase, axis=ax) * half_over_pi)
         else:
             db, steps = res
             phase = db * np.float32(pscale)
             for st in steps:  # sinc(Δφ/2) = np.sinc(Δφ / 2π)
-                amp = amp * np.sinc(st * np.float32(pscale * 0.5 / np.pi))
+                amp = amp * np.sinc(st * half_step)
         re = (amp * np.cos(phase)).mean(axis=(1, 3, 5), dtype=np.float64)
         im = (amp * np.sin(phase)).mean(axis=(1, 3, 5), dtype=np.float64)
         out[i0:i1] = re + 1j * im
@@ -838,7 +839,7 @@ def swi_from_complex(img: np.ndarray, voxel_mm: np.ndarray | tuple, *,
     mask = np.where(signed > 0, 1.0 - signed / np.pi, 1.0)
     swi = np.abs(s) * mask ** int(mask_power)
     if mip_slab_mm is not None:
-        n = max(1, int(round(float(mip_slab_mm) / float(np.asarray(voxel_mm).reshape(3)[2]))))
+        n = max(1, round(float(mip_slab_mm) / float(np.asarray(voxel_mm).reshape(3)[2])))
         if n > 1:
             swi = scipy.ndimage.minimum_filter1d(swi, size=n, axis=2, mode="nearest")
     return swi.astype(np.float32), phase.astype(np.float32)
