@@ -26,26 +26,19 @@ Pipeline of a scan
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 import pandas as pd
 from scipy import ndimage
 
-from .. import __version__
-from ..dataset import sha256_file
-from ..errors import ConfigurationError, MissingInputError
+from ..errors import ConfigurationError
 from ..geometry import voxel_sizes
 from ..harmonize import lesions_from_labels
-from ..model import LESION_COLUMNS, SCAN_COLUMNS
-from ..nifti import write_volume
+from ..model import LESION_COLUMNS
 from . import anatomy, physics, placement
 from .recipe import PROTOCOLS, Protocol, SynthRecipe
 
@@ -113,40 +106,64 @@ def _brain_box_world(atlas: anatomy.Atlas) -> tuple[np.ndarray, np.ndarray]:
 
 
 def sample_acquisition(rng: np.random.Generator, recipe: SynthRecipe, index: int,
-                       atlas: anatomy.Atlas) -> Acquisition:
-    """Draw the acquisition of scan ``index`` (protocol round-robin if the recipe is balanced)."""
+                       atlas: anatomy.Atlas, *, overrides: dict | None = None) -> Acquisition:
+    """Draw the acquisition of scan ``index`` (protocol round-robin if the recipe is balanced).
+
+    Every random value is drawn first, in a fixed order, and ``overrides`` (``protocol``,
+    ``te_ms``, ``inplane_mm``, ``slice_thickness_mm``, ``gap_mm``, ``snr``, ``orientation``) are
+    applied afterwards, so overriding one parameter leaves the rest of the scan (anatomy, CMB
+    positions) unchanged: this is how the documentation figures compare SWI with T2* or
+    1 mm with 5 mm slices on the same subject.
+    """
     names = sorted(recipe.protocols)
     weights = np.array([recipe.protocols[n] for n in names], dtype=np.float64)
+    u = rng.random(12)  # every draw of the acquisition, in a fixed order
+
+    def pick(lo_hi: tuple[float, float], x: float) -> float:
+        return float(lo_hi[0] + (lo_hi[1] - lo_hi[0]) * x)
+
     if recipe.balanced_protocols:
         active = [n for n, w in zip(names, weights) if w > 0]
         name = active[index % len(active)]
     else:
-        name = str(rng.choice(names, p=weights / weights.sum()))
+        cdf = np.cumsum(weights / weights.sum())
+        name = names[min(int(np.searchsorted(cdf, u[0], side="right")), len(names) - 1)]
+    ov = dict(overrides or {})
+    name = ov.get("protocol", name)
+    if name not in PROTOCOLS:
+        raise ConfigurationError(f"unknown protocol {name!r}")
     p: Protocol = PROTOCOLS[name]
-    inplane = _uniform(rng, recipe.inplane_mm)
-    thickness = _uniform(rng, p.slice_mm)
-    gap = _uniform(rng, p.gap_mm)
+    inplane = float(ov.get("inplane_mm", pick(recipe.inplane_mm, u[1])))
+    thickness = float(ov.get("slice_thickness_mm", pick(p.slice_mm, u[2])))
+    gap = float(ov.get("gap_mm", pick(p.gap_mm, u[3])))
+    orientations = list(recipe.orientations)
+    orientation = str(ov.get("orientation", orientations[min(int(u[4] * len(orientations)),
+                                                             len(orientations) - 1)]))
+    fov = pick(recipe.fov_mm, u[5])
+    centre_shift = (u[6:9] * 2.0 - 1.0) * 4.0
+    tilt = math.radians(u[9] * recipe.b0_tilt_deg)
+    azimuth = u[10] * 2.0 * math.pi
+    extra = rng.random(4)
+    te = float(ov.get("te_ms", pick(p.te_ms, extra[0])))
+    tr = pick(p.tr_ms, extra[1])
+    flip = pick(p.flip_deg, extra[2])
+    snr = float(ov.get("snr", pick(p.snr, extra[3])))
+
     spacing = (inplane, inplane, thickness + gap)
-    orientation = str(rng.choice(list(recipe.orientations)))
-    fov = _uniform(rng, recipe.fov_mm)
     n_inplane = int(round(fov / inplane))
     lo, hi = _brain_box_world(atlas)
     coverage = (hi[2] - lo[2] + 12.0) if recipe.slab_mm is None else recipe.slab_mm
     n_slices = max(1, int(math.ceil(coverage / spacing[2])))
     shape = (n_inplane, n_inplane, n_slices)
-    direction = _orientation_matrix(orientation)
     affine = np.eye(4)
-    affine[:3, :3] = direction * np.array(spacing)[None, :]
-    centre = (lo + hi) / 2.0 + rng.uniform(-4.0, 4.0, 3)
+    affine[:3, :3] = _orientation_matrix(orientation) * np.array(spacing)[None, :]
+    centre = (lo + hi) / 2.0 + centre_shift
     affine[:3, 3] = centre - affine[:3, :3] @ ((np.array(shape) - 1) / 2.0)
-    tilt = math.radians(rng.uniform(0.0, recipe.b0_tilt_deg))
-    azimuth = rng.uniform(0.0, 2.0 * math.pi)
     b0_dir = np.array([math.sin(tilt) * math.cos(azimuth), math.sin(tilt) * math.sin(azimuth),
                        math.cos(tilt)])
     return Acquisition(
-        protocol=name, sequence=p.sequence, b0_t=p.b0_t, te_ms=_uniform(rng, p.te_ms),
-        tr_ms=_uniform(rng, p.tr_ms), flip_deg=_uniform(rng, p.flip_deg),
-        voxel_mm=spacing, slice_thickness_mm=thickness, gap_mm=gap, snr=_uniform(rng, p.snr),
+        protocol=name, sequence=p.sequence, b0_t=p.b0_t, te_ms=te, tr_ms=tr, flip_deg=flip,
+        voxel_mm=spacing, slice_thickness_mm=thickness, gap_mm=gap, snr=snr,
         orientation=orientation, shape=shape, affine=affine, b0_dir=b0_dir)
 
 
@@ -241,12 +258,17 @@ def _mask_from_factor(factor: np.ndarray) -> np.ndarray:
     return lab == lab[np.unravel_index(int(np.argmin(mag)), mag.shape)]
 
 
-def generate_scan(recipe: SynthRecipe, index: int, *, atlas: anatomy.Atlas | None = None) -> GeneratedScan:
-    """Generate scan ``index`` of ``recipe`` (deterministic in ``(recipe.seed, index)``)."""
+def generate_scan(recipe: SynthRecipe, index: int, *, atlas: anatomy.Atlas | None = None,
+                  overrides: dict | None = None) -> GeneratedScan:
+    """Generate scan ``index`` of ``recipe`` (deterministic in ``(recipe.seed, index)``).
+
+    ``overrides`` replace acquisition parameters (see :func:`sample_acquisition`) without
+    changing the subject; ``n_cmb`` in it forces the number of CMBs (benchmarks, figures).
+    """
     atlas = atlas or anatomy.load_atlas()
     rng = np.random.default_rng([int(recipe.seed), int(index)])
     scan_id = f"{recipe.name}-{index:04d}"
-    acq = sample_acquisition(rng, recipe, index, atlas)
+    acq = sample_acquisition(rng, recipe, index, atlas, overrides=overrides)
     deformation = anatomy.random_deformation(rng, atlas)
     subject = anatomy.sample_subject(atlas, deformation, acq.affine, acq.shape,
                                      z_offsets_mm=_sub_slice_offsets(acq.slice_thickness_mm))
@@ -277,6 +299,8 @@ def generate_scan(recipe: SynthRecipe, index: int, *, atlas: anatomy.Atlas | Non
     positive = bool(rng.random() < recipe.positive_fraction)
     n_cmb = placement.sample_cmb_count(rng, recipe.count_exponent,
                                        recipe.max_cmbs_per_scan) if positive else 0
+    if overrides and "n_cmb" in overrides:
+        n_cmb = int(overrides["n_cmb"])
     loc_names = ["lobar", "deep", "infratentorial"]
     loc_w = np.array([recipe.location_weights.get(n, 0.0) for n in loc_names], dtype=np.float64)
     cmb_rows: list[dict] = []
