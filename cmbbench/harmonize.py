@@ -50,6 +50,19 @@ def _check_connectivity(connectivity: int) -> None:
         raise ConfigurationError(f"connectivity must be one of {CONNECTIVITIES}, got {connectivity}")
 
 
+def nonzero_indices(arr: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Same result as ``np.nonzero(arr)`` (indices in C order), several times faster on large,
+    sparse volumes: numpy's boolean ``flatnonzero`` path is used, in the array's memory order
+    (nibabel returns Fortran-ordered arrays), and only the foreground indices are reordered."""
+    a = np.asarray(arr)
+    mask = a if a.dtype == bool else a != 0
+    if mask.ndim > 1 and mask.flags.f_contiguous and not mask.flags.c_contiguous:
+        idx = np.unravel_index(np.flatnonzero(mask.ravel(order="F")), mask.shape, order="F")
+        order = np.argsort(np.ravel_multi_index(idx, mask.shape), kind="stable")
+        return tuple(i[order] for i in idx)
+    return np.unravel_index(np.flatnonzero(mask), mask.shape)
+
+
 def label_instances(mask: np.ndarray, *, connectivity: int = 26) -> tuple[np.ndarray, int]:
     """Split a binary mask into connected components.
 
@@ -109,7 +122,7 @@ def instance_stats(labels: np.ndarray, *, values: np.ndarray | None = None) -> I
         Optional array of the same shape (e.g. probabilities) whose per-instance maximum is
         returned as ``peak``.
     """
-    idx = np.nonzero(labels)
+    idx = nonzero_indices(labels)
     lab = labels[idx]
     if lab.size == 0:
         empty = np.zeros((0,), dtype=np.int64)

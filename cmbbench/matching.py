@@ -44,7 +44,7 @@ import pandas as pd
 from scipy.spatial import cKDTree
 
 from .errors import ConfigurationError, ConsistencyError
-from .harmonize import DEFAULT_CANDIDATE_FLOOR, DEFAULT_OPERATING_THRESHOLD
+from .harmonize import DEFAULT_CANDIDATE_FLOOR, DEFAULT_OPERATING_THRESHOLD, nonzero_indices
 
 __all__ = [
     "MatchRule",
@@ -105,11 +105,19 @@ class MatchRule:
     description: str = ""
     citation: str = ""
     extra: dict = field(default_factory=dict, compare=False, hash=False)
+    overrides: tuple = ()
+
+    def __post_init__(self) -> None:
+        # JSON round trips turn the (key, value) pairs into lists
+        object.__setattr__(self, "overrides", tuple(tuple(p) for p in self.overrides))
 
     @property
     def rule_id(self) -> str:
-        """``name@version``."""
-        return f"{self.name}@{self.version}"
+        """``name@version``, plus ``+key=value,...`` when preset fields were overridden."""
+        base = f"{self.name}@{self.version}"
+        if not self.overrides:
+            return base
+        return base + "+" + ",".join(f"{k}={v}" for k, v in self.overrides)
 
     @property
     def one_to_one(self) -> bool:
@@ -198,6 +206,9 @@ def list_rules() -> list[MatchRule]:
 def get_rule(name: str | MatchRule, **overrides: object) -> MatchRule:
     """Look up a preset by ``name`` or ``name@version`` and apply field overrides.
 
+    Overridden fields that differ from the preset are recorded in ``rule.overrides`` and in the
+    rule id (``cmbbench@1+max_distance=3.0``), so a result never passes for the preset's.
+
     Raises
     ------
     ConfigurationError
@@ -219,7 +230,11 @@ def get_rule(name: str | MatchRule, **overrides: object) -> MatchRule:
         unknown = set(clean) - set(MatchRule.__dataclass_fields__)
         if unknown:
             raise ConfigurationError(f"unknown rule parameter(s): {', '.join(sorted(unknown))}")
-        rule = replace(rule, **clean)
+        changed = {k: v for k, v in clean.items() if getattr(rule, k) != v}
+        if changed:
+            merged = dict(rule.overrides)
+            merged.update(changed)
+            rule = replace(rule, **changed, overrides=tuple(sorted(merged.items())))
     return rule.validate()
 
 
@@ -253,11 +268,13 @@ class PairTable:
 
 def _overlap_counts(ref_labels: np.ndarray, cand_labels: np.ndarray) -> dict[tuple[int, int], int]:
     """Shared voxel counts per (lesion label, candidate label), from co-foreground voxels only."""
-    both = np.nonzero((ref_labels > 0) & (cand_labels > 0))
-    if both[0].size == 0:
+    fg = nonzero_indices(ref_labels)  # reference voxels first: no full-volume temporaries
+    c_fg = cand_labels[fg]
+    keep = c_fg > 0
+    if not keep.any():
         return {}
-    r = ref_labels[both].astype(np.int64)
-    c = cand_labels[both].astype(np.int64)
+    r = ref_labels[fg][keep].astype(np.int64)
+    c = c_fg[keep].astype(np.int64)
     key = r * (int(c.max()) + 1) + c
     uniq, counts = np.unique(key, return_counts=True)
     base = int(c.max()) + 1

@@ -280,3 +280,13 @@ def test_invariants_hold_on_random_cases() -> None:
             if PRESETS[preset].assignment in ("optimal", "many_to_many"):
                 ref = t[t["kind"] == "reference"]
                 assert int((ref["hit_score"] >= 0.5).sum()) == c["tp"], preset
+
+
+def test_overridden_rule_is_recorded_as_such() -> None:
+    rule = get_rule("cmbbench", max_distance=3.0, operating_threshold=0.5)
+    # 0.5 is the preset's own threshold: not an override; 3.0 mm is
+    assert rule.rule_id == "cmbbench@1+max_distance=3.0"
+    assert get_rule("cmbbench").rule_id == "cmbbench@1"
+    from cmbbench.matching import MatchRule
+    back = MatchRule(**{k: v for k, v in rule.to_dict().items() if k != "rule_id"})
+    assert back.rule_id == rule.rule_id
