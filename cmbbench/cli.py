@@ -2,7 +2,8 @@
 
 Exit codes (also in ``docs/cli.md``): 0 success; 1 unexpected internal error; 2 usage error;
 3 missing input; 4 unreadable input; 5 geometry mismatch; 6 invalid values; 7 configuration
-error; 70 internal consistency check failed. Errors are one line on stderr
+error; 8 partial failure (some scans failed, the others finished); 70 internal consistency
+check failed. Errors are one line on stderr
 (``cmbbench: error: <file>: <problem>``), or a JSON object on stdout with ``--json``.
 """
 
@@ -227,6 +228,212 @@ def make_example_cmd(out_dir: Path) -> None:
     click.echo(f"reference dataset: {ds.root} ({len(ds.scan_ids)} scans, {len(ds.lesions)} CMBs)")
     click.echo(f"predictions:       {pred}")
     click.echo(f"next: cmbbench score {pred} --reference {ds.root}")
+
+
+# ---------------------------------------------------------------------------------------------
+# methods, predict, evaluate, merge (thin: every command is one call into cmbbench.evaluation)
+
+
+@main.group()
+def methods() -> None:
+    """Detection methods installed as plugins (the cmbbench.methods entry-point group)."""
+
+
+@methods.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+def methods_list(as_json: bool) -> None:
+    """List the installed methods (name, version, citation, providing package)."""
+    from .methods.registry import describe_methods
+
+    rows = describe_methods()
+    if as_json:
+        click.echo(json.dumps({"ok": True, "methods": rows}))
+        return
+    if not rows:
+        click.echo("no methods installed (see docs/plugins.md to add one)")
+    for r in rows:
+        dist = r["distribution"]
+        by = f"{dist.get('name')} {dist.get('version')}" if dist else r["entry_point"]
+        if r["error"]:
+            click.echo(f"{r['name']:<16}{'-':<10}{r['error']}")
+        else:
+            cite = (r["citation"] or "").replace("\n", " ")
+            cite = cite if len(cite) <= 60 else cite[:57] + "..."
+            click.echo(f"{r['name']:<16}{str(r['version']):<10}{cite:<62}{by}")
+
+
+@methods.command("info")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+def methods_info(name: str, as_json: bool) -> None:
+    """Show everything about method NAME: version, citation, description, limitations,
+    requirements, entry point."""
+    from .methods.registry import method_info
+
+    try:
+        info = method_info(name)
+    except CmbbenchError as exc:
+        _fail(exc, as_json)
+        return
+    if as_json:
+        click.echo(json.dumps({"ok": True, **info}))
+        return
+    for key, value in info.items():
+        if isinstance(value, dict):
+            value = ", ".join(f"{k}={v}" for k, v in value.items()) or "-"
+        click.echo(f"{key + ':':<16}{value if value not in ('', None) else '-'}")
+
+
+def _parse_params(items: tuple[str, ...]) -> dict:
+    out: dict = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise click.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="--param")
+        try:
+            out[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key.strip()] = raw
+    return out
+
+
+def _run_options(fn):  # noqa: ANN001, ANN202 - click decorator stack
+    opts = [
+        click.option("--method", "method", required=True,
+                     help="Installed method (see `cmbbench methods list`)."),
+        click.option("--dataset", "dataset", required=True,
+                     help="Dataset name from the registry (e.g. SYNTH-demo) or a harmonized "
+                          "dataset folder."),
+        click.option("--param", "params", multiple=True, metavar="KEY=VALUE",
+                     help="Method parameter (VALUE read as JSON, else as a string); repeatable."),
+        click.option("--backend", type=click.Choice(["serial", "local", "dask"]),
+                     default="serial", show_default=True, help="Executor."),
+        click.option("--workers", type=int, default=None,
+                     help="Worker processes (local: default the CPU count; dask: LocalCluster "
+                          "size)."),
+        click.option("--scheduler", default=None, metavar="ADDRESS",
+                     help="Dask scheduler address (dask backend; default: a LocalCluster)."),
+        click.option("--seed", type=int, default=0, show_default=True,
+                     help="Run seed (each scan gets a seed derived from it and its id)."),
+        click.option("--part-id", type=int, default=0, show_default=True,
+                     help="Run only this part (0-based) of --num-parts."),
+        click.option("--num-parts", type=int, default=1, show_default=True,
+                     help="Split the scans into this many independent parts."),
+        click.option("--overwrite", is_flag=True,
+                     help="Replace another method's run (or unrelated files) in the output "
+                          "folder."),
+        click.option("--json", "as_json", is_flag=True,
+                     help="Print one JSON object on stdout (errors included)."),
+        click.option("--quiet", is_flag=True, help="No progress report on stderr."),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+def _report_out(report, as_json: bool) -> None:  # noqa: ANN001 - RunReport, imported lazily
+    from .evaluation import summary_lines
+
+    err = report.error()
+    if as_json:
+        payload = report.to_json_dict()
+        if err is None:
+            click.echo(json.dumps({"ok": True, **payload}))
+        else:
+            click.echo(json.dumps({"ok": False, "error": {
+                "type": type(err).__name__, "message": str(err), "path": str(err.path),
+                "exit_code": err.exit_code}, **payload}))
+    else:
+        for line in summary_lines(report):
+            click.echo(line)
+        if err is not None:
+            click.echo(f"cmbbench: error: {err}", err=True)
+    if err is not None:
+        sys.exit(err.exit_code)
+
+
+def _run_command(kind: str, *, method: str, dataset: str, params: tuple[str, ...], as_json: bool,
+                 quiet: bool, **kwargs: object) -> None:
+    _setup_logging(quiet or as_json)
+    logging.getLogger("distributed").setLevel(logging.WARNING)
+    from .evaluation import evaluate, predict_dataset
+    from .progress import ProgressReporter
+
+    try:
+        progress = ProgressReporter(f"{kind} {method}", quiet=quiet)
+        common = dict(params=_parse_params(params), progress=progress, quiet=quiet, **kwargs)
+        if kind == "predict":
+            report = predict_dataset(method, dataset, **common)  # type: ignore[arg-type]
+        else:
+            report = evaluate(method, dataset, **common)  # type: ignore[arg-type]
+    except CmbbenchError as exc:
+        _fail(exc, as_json)
+        return
+    _report_out(report, as_json)
+
+
+@main.command("predict")
+@_run_options
+@click.option("--out", type=click.Path(path_type=Path), required=True,
+              help="Predictions folder to write (also the run directory; re-running resumes).")
+def predict_cmd(method: str, dataset: str, params: tuple[str, ...], backend: str,
+                workers: int | None, scheduler: str | None, seed: int, part_id: int,
+                num_parts: int, overwrite: bool, as_json: bool, quiet: bool, out: Path) -> None:
+    """Run a method on a dataset and write a predictions folder (maps + manifest).
+
+    The folder can be scored with `cmbbench score OUT --reference DATASET`.
+    """
+    _run_command("predict", method=method, dataset=dataset, params=params, as_json=as_json,
+                 quiet=quiet, out=out, backend=backend, workers=workers, scheduler=scheduler,
+                 seed=seed, part_id=part_id, num_parts=num_parts, overwrite=overwrite)
+
+
+@main.command("evaluate")
+@_run_options
+@click.option("--rule", default="cmbbench", show_default=True,
+              help="Matching rule: cmbbench, delpozo2024, valdo2021, dou2016, wmh2017.")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Run directory [default: runs/<method>__<dataset>__<rule>].")
+@click.option("--threshold", type=float, default=None,
+              help="Operating threshold on candidate scores [default: the rule's].")
+@click.option("--floor", type=float, default=None,
+              help="Probability floor of candidate extraction [default: the rule's].")
+@click.option("--n-boot", type=int, default=1000, show_default=True,
+              help="Bootstrap replicates over scans for the CIs (0: none).")
+def evaluate_cmd(method: str, dataset: str, params: tuple[str, ...], backend: str,
+                 workers: int | None, scheduler: str | None, seed: int, part_id: int,
+                 num_parts: int, overwrite: bool, as_json: bool, quiet: bool, rule: str,
+                 out: Path | None, threshold: float | None, floor: float | None,
+                 n_boot: int) -> None:
+    """Run a method on a dataset and score it: prints per-scan mean ± SD and pooled metrics,
+    FP per scan, FP per CMB and CPM; results in RUN_DIR/results."""
+    _run_command("evaluate", method=method, dataset=dataset, params=params, as_json=as_json,
+                 quiet=quiet, out=out, rule=rule, n_boot=n_boot,
+                 rule_overrides={"operating_threshold": threshold, "candidate_floor": floor},
+                 backend=backend, workers=workers, scheduler=scheduler, seed=seed,
+                 part_id=part_id, num_parts=num_parts, overwrite=overwrite)
+
+
+@main.command("merge")
+@click.argument("parts", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), required=True,
+              help="Run directory to merge into (may be one of PARTS).")
+@click.option("--overwrite", is_flag=True, help="Replace another run found in --out.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+@click.option("--quiet", is_flag=True, help="Only warnings and errors on stderr.")
+def merge_cmd(parts: tuple[Path, ...], out: Path, overwrite: bool, as_json: bool,
+              quiet: bool) -> None:
+    """Merge the run directories of --part-id/--num-parts jobs into one; when every scan is
+    done, write the manifest (and, for evaluate runs, the scores)."""
+    _setup_logging(quiet or as_json)
+    from .evaluation import merge
+
+    try:
+        report = merge(list(parts), out, overwrite=overwrite, quiet=quiet)
+    except CmbbenchError as exc:
+        _fail(exc, as_json)
+        return
+    _report_out(report, as_json)
 
 
 @main.command("exit-codes")

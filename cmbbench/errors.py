@@ -60,6 +60,15 @@ class ConfigurationError(CmbbenchError):
     exit_code = 7
 
 
+class PartialFailureError(CmbbenchError):
+    """Some scans of a run failed (the method raised on them) while the others finished.
+
+    The finished scans are kept; re-running the same command retries only the failed ones.
+    """
+
+    exit_code = 8
+
+
 class ConsistencyError(CmbbenchError):
     """An internal invariant failed (e.g. TP + FN != number of references): a bug, not bad input."""
 
@@ -75,5 +84,7 @@ EXIT_CODES: dict[int, str] = {
     GeometryMismatchError.exit_code: "geometry mismatch: prediction shape or affine differs from the image",
     InvalidValuesError.exit_code: "invalid values: NaN, probability outside [0, 1], negative label",
     ConfigurationError.exit_code: "configuration error: unknown rule name, invalid option",
+    PartialFailureError.exit_code: "partial failure: some scans failed, the others finished "
+                                   "(re-run to retry only the failed ones)",
     ConsistencyError.exit_code: "internal consistency check failed (please report)",
 }

@@ -34,6 +34,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 from scipy import ndimage
+from threadpoolctl import threadpool_limits
 
 from ..errors import ConfigurationError
 from ..geometry import voxel_sizes
@@ -271,6 +272,14 @@ def generate_scan(recipe: SynthRecipe, index: int, *, atlas: anatomy.Atlas | Non
     ``overrides`` replace acquisition parameters (see :func:`sample_acquisition`) without
     changing the subject; ``n_cmb`` in it forces the number of CMBs (benchmarks, figures).
     """
+    # BLAS results depend in the last bits on the thread count, and nearest-neighbour label
+    # sampling can flip on such bits: one thread makes scans byte-identical everywhere.
+    with threadpool_limits(limits=1):
+        return _generate_scan(recipe, index, atlas=atlas, overrides=overrides)
+
+
+def _generate_scan(recipe: SynthRecipe, index: int, *, atlas: anatomy.Atlas | None,
+                   overrides: dict | None) -> GeneratedScan:
     atlas = atlas or anatomy.load_atlas()
     rng = np.random.default_rng([int(recipe.seed), int(index)])
     scan_id = f"{recipe.name}-{index:04d}"

@@ -1,0 +1,1 @@
+"""Detection methods: the plugin API and the registry of installed methods."""
