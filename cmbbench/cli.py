@@ -95,8 +95,8 @@ def main() -> None:
 
 @main.command()
 @click.argument("pred_dir", type=click.Path(path_type=Path))
-@click.option("--reference", "reference", required=True, type=click.Path(path_type=Path),
-              help="Harmonized reference dataset folder.")
+@click.option("--reference", "reference", required=True,
+              help="Harmonized reference dataset: a folder, or a registry name (SYNTH-demo...).")
 @click.option("--rule", default="cmbbench", show_default=True,
               help="Matching rule: cmbbench, delpozo2024, valdo2021, dou2016, wmh2017.")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
@@ -112,7 +112,7 @@ def main() -> None:
 @click.option("--seed", type=int, default=0, show_default=True, help="Bootstrap RNG seed.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 @click.option("--quiet", is_flag=True, help="Only warnings and errors on stderr.")
-def score(pred_dir: Path, reference: Path, rule: str, out: Path | None, missing: str,
+def score(pred_dir: Path, reference: str, rule: str, out: Path | None, missing: str,
           threshold: float | None, floor: float | None, n_boot: int, seed: int, as_json: bool,
           quiet: bool) -> None:
     """Score the predictions in PRED_DIR against a reference dataset.
@@ -121,10 +121,12 @@ def score(pred_dir: Path, reference: Path, rule: str, out: Path | None, missing:
     (JSON + CSV), froc.csv and strata.csv, and prints a summary.
     """
     _setup_logging(quiet or as_json)
+    from .registry import resolve_dataset
     from .scoring import score_folder
 
     try:
-        result = score_folder(pred_dir, reference, rule=rule, missing=missing,  # type: ignore[arg-type]
+        result = score_folder(pred_dir, resolve_dataset(reference, quiet=quiet or as_json),
+                              rule=rule, missing=missing,  # type: ignore[arg-type]
                               n_boot=n_boot, seed=seed,
                               rule_overrides={"operating_threshold": threshold,
                                               "candidate_floor": floor})
@@ -434,6 +436,45 @@ def merge_cmd(parts: tuple[Path, ...], out: Path, overwrite: bool, as_json: bool
         _fail(exc, as_json)
         return
     _report_out(report, as_json)
+
+
+@main.command("train")
+@click.option("--method", required=True, help="Registry name of a trainable method (ours).")
+@click.option("--recipe", required=True,
+              help="Training recipe: a name shipped with the method or a YAML file.")
+@click.option("--init", "init", type=click.Path(path_type=Path), default=None,
+              help="Checkpoint to start from (fine-tuning); sha256-checked.")
+@click.option("--dataset", default=None,
+              help="Fine-tune on this dataset (registry name or folder) with a held-out split.")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Output folder [default: runs/train/<recipe>].")
+@click.option("--steps", type=int, default=None, help="Override the recipe's step count.")
+@click.option("--max-minutes", type=float, default=None,
+              help="Override the recipe's wall-clock budget (minutes).")
+@click.option("--no-resume", is_flag=True, help="Start over even if OUT/last.pt exists.")
+@click.option("--quiet", is_flag=True, help="Only warnings and errors on stderr.")
+def train_cmd(method: str, recipe: str, init: Path | None, dataset: str | None,
+              out: Path | None, steps: int | None, max_minutes: float | None, no_resume: bool,
+              quiet: bool) -> None:
+    """Train (or, with --init and --dataset, fine-tune) a trainable method from a recorded
+    recipe; logs loss and validation CPM, resumable; prints the best checkpoint's path."""
+    _setup_logging(quiet)
+    from .methods.registry import load_method_class
+
+    try:
+        cls = load_method_class(method)
+        fn = getattr(cls, "train_recipe", None)
+        if fn is None:
+            from .errors import ConfigurationError
+
+            raise ConfigurationError(f"method {method!r} has no recipe-based training")
+        say = (lambda m: None) if quiet else (lambda m: click.echo(m, err=True))
+        path = fn(recipe, out=out, init=init, dataset=dataset, steps=steps,
+                  max_minutes=max_minutes, resume=not no_resume, progress=say)
+    except CmbbenchError as exc:
+        _fail(exc, False)
+        return
+    click.echo(str(path))
 
 
 @main.command("exit-codes")
