@@ -23,13 +23,13 @@ import pandas as pd
 
 from . import __version__
 from .dataset import HarmonizedDataset, read_dataset
-from .errors import GeometryMismatchError, MissingInputError, UnreadableInputError
+from .errors import GeometryMismatchError, MissingInputError
 from .geometry import affines_match, voxel_to_world, world_to_voxel
 from .harmonize import candidates_from_labels, candidates_from_probability, label_instances
 from .matching import MATCH_COLUMNS, MatchRule, get_rule, match_scan
 from .metrics import aggregate, froc_curve, prepare, scan_table, stratified
 from .model import CANDIDATE_COLUMNS
-from .nifti import Volume, read_header, read_volume
+from .nifti import read_header, read_volume
 from .predictions import PredictionsFolder, classify_map, read_predictions_folder
 from .statistics import BootstrapResult, bootstrap_ci
 
