@@ -201,3 +201,13 @@ def test_ground_truth_is_the_bloomed_extent() -> None:
         n = int((scan.labels == row.lesion_id).sum())
         assert n == row.n_voxels > 0
         assert row.diameter_mm == pytest.approx((6 * row.volume_mm3 / np.pi) ** (1 / 3))
+
+
+def test_optional_swi_minimum_intensity_projection() -> None:
+    plain = generate_scan(tiny_recipe(seed=4), 0, overrides={"protocol": "swi_3t_3d"})
+    mip = generate_scan(tiny_recipe(seed=4, swi_mip_mm=8.0), 0, overrides={"protocol": "swi_3t_3d"})
+    assert mip.info["swi_mip_mm"] == 8.0 and plain.info["swi_mip_mm"] == 0.0
+    # a sliding minimum never brightens a voxel and darkens some
+    assert (mip.image <= plain.image).all() and (mip.image < plain.image).any()
+    with pytest.raises(ConfigurationError, match="swi_mip_mm"):
+        tiny_recipe(swi_mip_mm=-1.0)

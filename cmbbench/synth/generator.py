@@ -425,7 +425,7 @@ def _generate_scan(recipe: SynthRecipe, index: int, *, atlas: anatomy.Atlas | No
     sigma = physics.rician_sigma_for_snr(wm_signal, acq.snr)
     noisy = physics.add_complex_noise(rng, signal, sigma)
     if acq.sequence == "SWI":
-        image, _ = physics.swi_from_complex(noisy, spacing)
+        image, _ = physics.swi_from_complex(noisy, spacing, mip_slab_mm=recipe.swi_mip_mm)
     else:
         image = np.abs(noisy)
     image = np.asarray(image, dtype=np.float64) * (1000.0 / max(wm_signal, 1e-12))
@@ -450,6 +450,8 @@ def _generate_scan(recipe: SynthRecipe, index: int, *, atlas: anatomy.Atlas | No
         "snr": round(acq.snr, 3), "orientation": acq.orientation,
         "b0_dir_x": acq.b0_dir[0], "b0_dir_y": acq.b0_dir[1], "b0_dir_z": acq.b0_dir[2],
         "n_mimics": int(len(mimics)), "positive": bool(len(lesions) > 0),
+        "swi_mip_mm": (recipe.swi_mip_mm if acq.sequence == "SWI" and recipe.swi_mip_mm
+                       else 0.0),
     }
     return GeneratedScan(scan_id, image, acq.affine, labels, mimic_labels, lesions, mimics, info)
 

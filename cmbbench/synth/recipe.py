@@ -89,6 +89,9 @@ class SynthRecipe:
         In-plane field of view (mm): the matrix is ``round(fov / voxel)``.
     slab_mm
         Through-plane coverage (mm) centred on the brain; None covers the whole brain.
+    swi_mip_mm
+        If set, SWI scans are stored as a sliding minimum-intensity projection over a slab of
+        this thickness (mm); the labels stay the per-slice apparent extent. None: no mIP.
     """
 
     name: str
@@ -119,6 +122,7 @@ class SynthRecipe:
         "pallidum": 0.35, "choroid_plexus": 0.6})
     flow_voids_2d: tuple[int, int] = (2, 8)
     bias_std: tuple[float, float] = (0.1, 0.3)
+    swi_mip_mm: float | None = None
 
     def validate(self, *, path: object = None) -> "SynthRecipe":
         """Raise :class:`ConfigurationError` (one line, naming the recipe) on impossible values."""
@@ -143,6 +147,8 @@ class SynthRecipe:
             raise bad("fov_mm must be an increasing pair of positive numbers")
         if self.slab_mm is not None and self.slab_mm <= 0:
             raise bad("slab_mm must be positive")
+        if self.swi_mip_mm is not None and self.swi_mip_mm <= 0:
+            raise bad("swi_mip_mm must be positive")
         unknown = set(self.protocols) - set(PROTOCOLS)
         if unknown:
             raise bad(f"unknown protocol(s) {', '.join(sorted(unknown))}; known: "
