@@ -171,7 +171,8 @@ def rules_show(name: str) -> None:
 
 @main.group()
 def datasets() -> None:
-    """Datasets: the registry, and generation of the synthetic (SYNTH-*) datasets."""
+    """Datasets: the registry, generation of the synthetic (SYNTH-*) datasets, and preparation
+    of the public ones from the user's raw copy."""
 
 
 @datasets.command("list")
@@ -218,6 +219,98 @@ def datasets_make(name: str, out: Path | None, workers: int, quiet: bool) -> Non
         return
     click.echo(f"{ds.name}: {len(ds.scan_ids)} scans, {len(ds.lesions)} CMBs, "
                f"{0 if ds.mimics is None else len(ds.mimics)} mimics in {ds.root}")
+
+
+@datasets.command("info")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="Print the card as one JSON object.")
+def datasets_info(name: str, as_json: bool) -> None:
+    """Show the card of dataset NAME, how to obtain it and the exact prepare command."""
+    from .registry import dataset_cache_dir, load_card
+
+    try:
+        card = load_card(name)
+    except CmbbenchError as exc:
+        _fail(exc, as_json)
+        return
+    local = dataset_cache_dir(card)
+    synthetic = card.get("kind") == "synthetic"
+    command = (f"cmbbench datasets make {card['name']}" if synthetic
+               else f"cmbbench datasets prepare {card['name']} --source RAW_DIR")
+    state = "ready" if (local / "dataset.json").is_file() else (
+        "half-prepared" if (local / ".shards").is_dir() else "not prepared")
+    if as_json:
+        click.echo(json.dumps({"ok": True, "card": {k: v for k, v in card.items()
+                                                    if not k.startswith("_")},
+                               "command": command, "local": str(local), "state": state},
+                              default=str))
+        return
+    for key in ("name", "version", "kind", "citation", "url", "licence", "label_kind",
+                "sequence", "field_strength_t", "voxel_mm", "counts", "split", "loader"):
+        if key in card:
+            click.echo(f"{key + ':':<18}{' '.join(str(card[key]).split())}")
+    for line in card.get("raw_layout") or []:
+        click.echo(f"{'raw layout:':<18}{line}")
+    if card.get("unverified"):
+        click.echo(f"{'unverified:':<18}{'; '.join(str(u) for u in card['unverified'])}")
+    if card.get("obtain"):
+        click.echo(f"{'how to obtain:':<18}{' '.join(str(card['obtain']).split())}")
+    click.echo(f"{'local copy:':<18}{local} ({state})")
+    click.echo(f"{'prepare with:':<18}{command}")
+
+
+@datasets.command("prepare")
+@click.argument("name")
+@click.option("--source", type=click.Path(path_type=Path), required=True,
+              help="Folder of your copy of the raw dataset (see `datasets info NAME`).")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Output folder [default: the data home, see `datasets list`].")
+@click.option("--quiet", is_flag=True, help="No progress report.")
+def datasets_prepare(name: str, source: Path, out: Path | None, quiet: bool) -> None:
+    """Harmonize the raw dataset NAME from --source (resumes an interrupted run)."""
+    _setup_logging(True)
+    from .loaders import prepare
+    from .progress import ProgressReporter
+    from .registry import dataset_cache_dir, load_card
+
+    try:
+        card = load_card(name)
+        target = out or dataset_cache_dir(card)
+        ds = prepare(card, source, target,
+                     progress=ProgressReporter(f"preparing {card['name']}", quiet=quiet))
+    except CmbbenchError as exc:
+        _fail(exc, False)
+        return
+    click.echo(f"{ds.name}: {len(ds.scan_ids)} scans, {len(ds.lesions)} CMBs in {ds.root}")
+
+
+@datasets.command("verify")
+@click.argument("name")
+@click.option("--path", "path", type=click.Path(path_type=Path), default=None,
+              help="Dataset folder [default: the data home copy of NAME].")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+def datasets_verify(name: str, path: Path | None, as_json: bool) -> None:
+    """Check a prepared dataset: counts, checksums, affines, every lesion inside and dark."""
+    _setup_logging(True)
+    from .errors import InvalidValuesError
+    from .loaders import verify_dataset
+    from .registry import dataset_cache_dir, load_card
+
+    try:
+        card = load_card(name)
+        report = verify_dataset(path or dataset_cache_dir(card), card)
+    except CmbbenchError as exc:
+        _fail(exc, as_json)
+        return
+    if as_json:
+        click.echo(json.dumps({"ok": report.ok, **report.to_dict()}))
+    else:
+        for line in report.lines():
+            click.echo(line)
+    if not report.ok:
+        if not as_json:
+            click.echo(f"cmbbench: error: {report.root}: verification failed", err=True)
+        sys.exit(InvalidValuesError.exit_code)
 
 
 @main.command("make-example")

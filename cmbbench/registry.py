@@ -108,8 +108,9 @@ def resolve_dataset(ref: str | Path, *, generate: bool = True, workers: int | No
         return target
     if card.get("kind") != "synthetic":
         raise MissingInputError(
-            f"dataset {card['name']} is not prepared; see `cmbbench datasets info {card['name']}`",
-            target)
+            f"dataset {card['name']} is not prepared (or only half-prepared): run "
+            f"`cmbbench datasets prepare {card['name']} --source RAW_DIR` on your copy of the raw "
+            f"data; see `cmbbench datasets info {card['name']}`", target)
     if not generate:
         raise MissingInputError(f"dataset {card['name']} has not been generated yet", target)
     from .progress import ProgressReporter
