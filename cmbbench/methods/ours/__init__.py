@@ -1,0 +1,10 @@
+"""The reference method "ours": a sequence-agnostic 3D U-Net trained in cmbbench, with
+location-based post-processing (see :mod:`.plugin`). Importing this package needs torch."""
+
+__all__ = ["WEIGHTS_DIR", "RECIPES_DIR", "DEFAULT_CHECKPOINT"]
+
+from pathlib import Path
+
+WEIGHTS_DIR = Path(__file__).with_name("weights")
+RECIPES_DIR = Path(__file__).with_name("recipes")
+DEFAULT_CHECKPOINT = WEIGHTS_DIR / "ours-synth-v1.pt"

@@ -1,0 +1,411 @@
+"""Training and fine-tuning of "ours" from a recorded recipe (``cmbbench train --method ours``).
+
+:func:`train` reads a recipe (``recipes/<name>.yaml`` or a YAML path), preprocesses the
+training scans to the working grid once, trains on augmented CMB-centred patches, evaluates the
+CPM (cmbbench scoring, rule ``cmbbench``) on the validation scans every ``val_every`` steps,
+keeps the best-CPM model, and writes into ``out``:
+
+- ``last.pt`` / ``last.json``: resumable state (model, optimiser, step, RNG states);
+- ``log.jsonl``: one line per logged step (loss) and per validation (CPM, sensitivities);
+- ``<recipe name>.pt`` + ``<recipe name>.json``: the best model and its record (recipe,
+  sha256, datasets with versions and exact scan ids, training time, hardware, val CPM curve).
+
+With ``init`` (a checkpoint) and ``dataset`` (a registry name or folder) it fine-tunes on that
+dataset: scans whose ``split`` is ``val`` (or, without one, a seeded 20 % of the scans, at least
+one) are held out for model selection, the others are trained on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import platform
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import yaml
+
+from ...errors import ConfigurationError, MissingInputError
+from . import RECIPES_DIR
+from .augment import augment_batch
+from .losses import combined_loss
+from .plugin import Ours, build_model, load_checkpoint, save_checkpoint
+from .preprocess import preprocess, resample_labels, to_native
+from .sampling import Case, PatchSampler
+
+__all__ = ["load_recipe", "train", "DataRef", "open_split"]
+
+log = logging.getLogger(__name__)
+
+
+def load_recipe(recipe: str | Path | dict) -> dict:
+    if isinstance(recipe, dict):
+        return dict(recipe)
+    p = Path(recipe)
+    if not p.is_file():
+        p = RECIPES_DIR / f"{recipe}.yaml"
+    if not p.is_file():
+        known = ", ".join(sorted(q.stem for q in RECIPES_DIR.glob("*.yaml")))
+        raise ConfigurationError(f"unknown training recipe {recipe!r}; available: {known}")
+    try:
+        rec = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigurationError(f"invalid recipe YAML: {str(exc).splitlines()[0]}", p) from None
+    if not isinstance(rec, dict) or "name" not in rec:
+        raise ConfigurationError("a recipe is a mapping with at least a name", p)
+    rec.setdefault("_path", str(p))
+    return rec
+
+
+class DataRef:
+    """Scans of a dataset usable for training: ``items`` of (scan_id, image path, label path,
+    sequence) plus a record (name, version, path, scan ids)."""
+
+    def __init__(self, name: str, version: str, root: Path, items: list[tuple]) -> None:
+        self.name, self.version, self.root, self.items = name, version, root, items
+
+    def record(self) -> dict:
+        return {"name": self.name, "version": self.version, "path": str(self.root),
+                "scan_ids": [i[0] for i in self.items]}
+
+
+def _from_dataset(ds, ids: list[str]) -> list[tuple]:  # noqa: ANN001
+    seq = dict(zip(ds.scans["scan_id"], ds.scans.get("sequence", pd.Series(
+        ["unknown"] * len(ds.scans)))))
+    out = []
+    for s in ids:
+        lp = ds.label_path(s)
+        out.append((s, ds.image_path(s), lp, str(seq.get(s, "unknown")), ds.lesions_of(s)))
+    return out
+
+
+def open_split(spec: dict) -> DataRef:
+    """A recipe's ``train``/``val`` entry -> :class:`DataRef` (registry name + version)."""
+    from ...dataset import read_dataset
+    from ...registry import dataset_cache_dir, load_card
+
+    card = load_card(str(spec["dataset"]))
+    version = str(spec.get("version", card.get("version", "0")))
+    if version != str(card.get("version", "0")):
+        raise ConfigurationError(f"recipe asks for {card['name']} v{version}, the registry "
+                                 f"has v{card.get('version')}")
+    if card["name"].upper().startswith("SYNTH-TEST"):
+        raise ConfigurationError("SYNTH-test is for final reporting only, never for training "
+                                 "or model selection")
+    root = dataset_cache_dir(card)
+    max_scans = int(spec.get("max_scans") or 10 ** 9)
+    if (root / "scans.csv").is_file():
+        ds = read_dataset(root)
+        return DataRef(card["name"], version, root, _from_dataset(ds, ds.scan_ids[:max_scans]))
+    if not spec.get("allow_partial"):
+        from ...registry import resolve_dataset
+
+        ds = read_dataset(resolve_dataset(card["name"]))
+        return DataRef(card["name"], version, root, _from_dataset(ds, ds.scan_ids[:max_scans]))
+    # a dataset still being generated: the scans whose shard is written are complete
+    shards = sorted((root / ".shards").glob("*.json")) if (root / ".shards").is_dir() else []
+    items = []
+    for sh in shards[:max_scans]:
+        d = json.loads(sh.read_text())
+        sid = d["scan"]["scan_id"]
+        items.append((sid, root / "images" / f"{sid}.nii.gz", root / "labels" / f"{sid}.nii.gz",
+                      str(d["scan"].get("sequence", "unknown")), pd.DataFrame(d["lesions"])))
+    if not items:
+        raise MissingInputError(f"no complete scan of {card['name']} yet", root)
+    return DataRef(card["name"], version, root, items)
+
+
+def _split_dataset(ref: str | Path, seed: int, max_scans: int | None) -> tuple[DataRef, DataRef]:
+    from ...dataset import read_dataset
+    from ...registry import resolve_dataset
+
+    if str(ref).upper().startswith("SYNTH-TEST") or "SYNTH-test" in str(ref):
+        raise ConfigurationError("SYNTH-test is for final reporting only, never for training")
+    ds = read_dataset(resolve_dataset(ref))
+    ids = ds.scan_ids[: max_scans or None]
+    split = dict(zip(ds.scans["scan_id"], ds.scans.get("split", pd.Series([""] * len(ds.scans)))))
+    val_ids = [s for s in ids if str(split.get(s, "")).lower() == "val"]
+    if not val_ids or len(val_ids) == len(ids):
+        rng = np.random.default_rng(seed)
+        n_val = max(1, int(round(0.2 * len(ids))))
+        if len(ids) < 2:
+            raise ConfigurationError(f"dataset {ds.name} needs at least 2 scans to fine-tune "
+                                     "with a held-out split")
+        val_ids = sorted(rng.choice(ids, size=n_val, replace=False).tolist())
+    tr_ids = [s for s in ids if s not in set(val_ids)]
+    version = str(ds.card.get("version", ""))
+    return (DataRef(ds.name, version, ds.root, _from_dataset(ds, tr_ids)),
+            DataRef(ds.name, version, ds.root, _from_dataset(ds, val_ids)))
+
+
+def _load_cases(ref: DataRef, work_mm: float, progress: Callable[[str], None]) -> list[Case]:
+    from ...nifti import read_volume
+
+    cases = []
+    for sid, ip, lp, seq, _ in ref.items:
+        vol = read_volume(ip)
+        pre = preprocess(vol.data, vol.affine, work_mm=work_mm)
+        if lp is not None and Path(lp).is_file():
+            lab = resample_labels(np.asarray(read_volume(lp).data), vol.affine, pre)
+        else:
+            lab = np.zeros(pre.image.shape, np.int32)
+        cases.append(Case(sid, pre.image, lab.astype(np.int16), pre.mask, seq))
+    progress(f"loaded {len(cases)} training scan(s) from {ref.name}")
+    return cases
+
+
+class _ValSet:
+    """Validation scans kept preprocessed; CPM by cmbbench scoring on the native grid."""
+
+    def __init__(self, ref: DataRef, work_mm: float) -> None:
+        from ...nifti import read_volume
+
+        self.ref = ref
+        self.items = []
+        for sid, ip, lp, seq, lesions in ref.items:
+            vol = read_volume(ip)
+            pre = preprocess(vol.data, vol.affine, work_mm=work_mm)
+            labels = (np.asarray(read_volume(lp).data).astype(np.uint32)
+                      if lp is not None and Path(lp).is_file() else None)
+            self.items.append((sid, pre, vol.affine, labels, lesions, seq))
+
+    def score(self, model: torch.nn.Module, infer: dict, *, postprocess: bool = True) -> dict:
+        """Aggregates (CPM, pooled recall/precision/F1, FP per scan) of ``model``."""
+        return self.score_both(model, infer)["with" if postprocess else "without"]
+
+    def score_both(self, model: torch.nn.Module, infer: dict, *, n_boot: int = 0,
+                   keys: tuple = ("cpm", "recall_pooled", "precision_pooled", "f1_pooled",
+                                  "fp_per_scan")) -> dict:
+        """Aggregates with and without the location post-processing (one inference)."""
+        from ...matching import MATCH_COLUMNS, get_rule
+        from ...metrics import scan_table
+        from ...scoring import ScoreResult, score_case
+
+        rule = get_rule("cmbbench")
+        meth = Ours(postprocess=True, threshold=float(infer.get("threshold", 0.1)),
+                    patch=int(infer.get("patch", 96)), overlap=float(infer.get("overlap", 0.15)))
+        meth.model, meth.meta = model, {}
+        acc = {"with": ([], []), "without": ([], [])}
+        for sid, pre, affine, labels, lesions, seq in self.items:
+            after, rows, before = meth.predict_work(pre)
+            lz = _lesion_frame(lesions, sid)
+            for key, prob, pp in (("with", after, True), ("without", before, False)):
+                native, _ = meth.to_native(prob, rows, pre, postprocess=pp)
+                case = score_case(scan_id=sid, lesions=lz, image_shape=native.shape,
+                                  image_affine=affine, rule=rule, ref_labels=labels,
+                                  prediction=native)
+                acc[key][0].append(case.table)
+                acc[key][1].append({"scan_id": sid, "sequence": seq, **case.extras})
+        ids = [i[0] for i in self.items]
+        out = {}
+        for key, (tables, extras) in acc.items():
+            ne = [t for t in tables if len(t)]
+            table = (pd.concat(ne, ignore_index=True) if ne
+                     else pd.DataFrame(columns=MATCH_COLUMNS))
+            scans = scan_table(table, ids, extra=pd.DataFrame(extras))
+            res = ScoreResult.from_tables(table, scans, rule, n_boot=n_boot)
+            out[key] = {k: float(res.aggregates.get(k, float("nan"))) for k in keys}
+        return out
+
+
+def _lesion_frame(lesions: pd.DataFrame, sid: str) -> pd.DataFrame:
+    from ...model import LESION_COLUMNS
+
+    lz = lesions.copy()
+    if "scan_id" not in lz.columns:
+        lz["scan_id"] = sid
+    for col in LESION_COLUMNS:
+        if col not in lz.columns:
+            lz[col] = {"location": "unknown", "mask_source": "none",
+                       "n_voxels": 0}.get(col, np.nan)
+    lz["n_voxels"] = lz["n_voxels"].fillna(0).astype(np.int64)
+    lz["lesion_id"] = lz["lesion_id"].astype(np.int64)
+    return lz[list(LESION_COLUMNS) + [c for c in lz.columns if c not in LESION_COLUMNS]]
+
+
+def _hardware() -> dict:
+    return {"machine": platform.machine(), "processor": platform.processor() or "",
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version(),
+            "cuda": torch.cuda.is_available()}
+
+
+def train(recipe: str | Path | dict, *, out: str | Path | None = None,
+          init: str | Path | None = None, dataset: str | Path | None = None,
+          steps: int | None = None, max_minutes: float | None = None, resume: bool = True,
+          progress: Callable[[str], None] | None = None) -> Path:
+    """Train (or fine-tune) from a recipe; returns the path of the best checkpoint.
+
+    Parameters
+    ----------
+    recipe
+        Recipe name (``recipes/<name>.yaml``), YAML path, or a mapping.
+    out
+        Output folder (default ``runs/train/<recipe name>``, or ``..-finetune`` with ``init``).
+    init
+        Checkpoint to start from (sha256-checked); its architecture replaces the recipe's.
+    dataset
+        Fine-tune on this dataset (name or folder) with a held-out split instead of the
+        recipe's ``train``/``val``.
+    steps, max_minutes
+        Override the recipe's step count and wall-clock budget.
+    resume
+        Continue from ``out/last.pt`` when it exists.
+    """
+    say = progress or (lambda m: log.info(m))
+    rec = load_recipe(recipe)
+    seed = int(rec.get("seed", 0))
+    steps = int(steps if steps is not None else rec.get("steps", 1000))
+    budget_s = 60.0 * float(max_minutes if max_minutes is not None else
+                            rec.get("max_minutes", 1e9))
+    work_mm = float(rec.get("work_mm", 1.0))
+    patch = int(rec.get("patch", 48))
+    batch = int(rec.get("batch", 2))
+    val_every = int(rec.get("val_every", 100))
+    val_every_s = 60.0 * float(rec.get("val_every_minutes", 1e9))
+    infer_cfg = dict(rec.get("infer") or {})
+    loss_cfg = dict(rec.get("loss") or {})
+    aug_cfg = dict(rec.get("augment") or {})
+    name = str(rec["name"])
+    out = Path(out) if out else Path("runs") / "train" / (name + ("-finetune" if init else ""))
+    out.mkdir(parents=True, exist_ok=True)
+
+    torch.manual_seed(seed)
+    torch.set_flush_denormal(True)  # denormal gradients make CPU convolutions erratically slow
+    if init is not None:
+        model, init_meta = load_checkpoint(init)
+        model_cfg = {"channels": list(model.channels),
+                     "deep_supervision": bool(rec.get("model", {}).get("deep_supervision",
+                                                                       model.deep_supervision))}
+        model.deep_supervision = model_cfg["deep_supervision"]
+        work_mm = float(init_meta.get("recipe", {}).get("work_mm", work_mm))
+    else:
+        model_cfg = dict(rec.get("model") or {})
+        model = build_model(model_cfg)
+        init_meta = None
+    model = model.to(memory_format=torch.channels_last_3d)  # faster oneDNN 3D convolutions
+    if patch % model.divisor:
+        raise ConfigurationError(f"patch {patch} is not a multiple of {model.divisor}")
+
+    if dataset is not None:
+        tr_ref, va_ref = _split_dataset(dataset, seed, rec.get("train", {}).get("max_scans"))
+    else:
+        tr_ref, va_ref = open_split(rec["train"]), open_split(rec["val"])
+    t_load = time.perf_counter()
+    cases = _load_cases(tr_ref, work_mm, say)
+    val = _ValSet(va_ref, work_mm)
+    say(f"preprocessed {len(cases)} train + {len(val.items)} val scan(s) in "
+        f"{time.perf_counter() - t_load:.0f} s")
+
+    opt = torch.optim.Adam(model.parameters(), lr=float(rec.get("lr", 1e-3)),
+                           weight_decay=float(rec.get("weight_decay", 0.0)))
+    sampler = PatchSampler(cases, int(math.ceil(1.3 * patch)),
+                           pos_fraction=float(rec.get("sampling", {}).get("pos_fraction", 0.67)),
+                           seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    step, best, curve, elapsed0 = 0, -1.0, [], 0.0
+    last = out / "last.pt"
+    if resume and last.is_file():
+        st = torch.load(last, map_location="cpu", weights_only=True)
+        model.load_state_dict(st["model"])
+        opt.load_state_dict(st["optimizer"])
+        step, best, elapsed0 = int(st["step"]), float(st["best"]), float(st["elapsed"])
+        g.set_state(st["gen"])
+        torch.set_rng_state(st["torch_rng"])
+        extra = json.loads((out / "last.json").read_text())
+        sampler.rng.bit_generator.state = extra["sampler_rng"]
+        curve = extra["curve"]
+        say(f"resumed from {last} at step {step} (best val CPM {best:.3f})")
+    logf = open(out / "log.jsonl", "a")
+    t0 = time.perf_counter() - elapsed0
+    record_base = {
+        "recipe": {k: v for k, v in rec.items() if not k.startswith("_")},
+        "recipe_file": rec.get("_path"), "seed": seed, "init": None if init is None else {
+            "path": str(init), "sha256": (init_meta or {}).get("sha256")},
+        "datasets": {"train": tr_ref.record(), "val": va_ref.record()},
+        "command": ("cmbbench train --method ours --recipe " + name +
+                    (f" --init {init}" if init else "") +
+                    (f" --dataset {dataset}" if dataset else "")),
+    }
+    record_base["recipe"]["work_mm"] = work_mm
+
+    def checkpoint_state() -> None:
+        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                    "best": best, "elapsed": time.perf_counter() - t0, "gen": g.get_state(),
+                    "torch_rng": torch.get_rng_state()}, out / "last.pt.partial")
+        os.replace(out / "last.pt.partial", last)
+        (out / "last.json").write_text(json.dumps(
+            {"sampler_rng": sampler.rng.bit_generator.state, "curve": curve}, default=int))
+
+    last_val = [time.perf_counter()]
+
+    def validate() -> None:
+        nonlocal best
+        tv = time.perf_counter()
+        both = val.score_both(model, infer_cfg)
+        m = {**both["with"], "without_postprocessing": both["without"]}
+        model.train()
+        entry = {"step": step, "elapsed_s": round(time.perf_counter() - t0, 1), **m,
+                 "val_seconds": round(time.perf_counter() - tv, 1)}
+        curve.append(entry)
+        logf.write(json.dumps({"kind": "val", **entry}) + "\n")
+        logf.flush()
+        last_val[0] = time.perf_counter()
+        cpm = m["cpm"] if np.isfinite(m["cpm"]) else -1.0
+        say(f"step {step}: val CPM {m['cpm']:.3f} recall {m['recall_pooled']:.3f} "
+            f"FP/scan {m['fp_per_scan']:.2f} ({entry['val_seconds']:.0f} s)")
+        if cpm > best or not (out / f"{name}.pt").is_file():
+            best = max(best, cpm)
+            save_checkpoint(model, out / f"{name}.pt", {
+                **record_base, "step": step, "val": m, "val_curve": curve,
+                "training_seconds": round(time.perf_counter() - t0, 1),
+                "hardware": _hardware()})
+
+    model.train()
+    running, n_run = 0.0, 0
+    while step < steps and time.perf_counter() - t0 < budget_s:
+        xb, yb = sampler.batch(batch)
+        xb, yb = augment_batch(torch.from_numpy(xb), torch.from_numpy(yb), patch, g,
+                               **{k: float(v) for k, v in aug_cfg.items()})
+        xb = xb.contiguous(memory_format=torch.channels_last_3d)
+        loss = combined_loss(model(xb), yb, ce_weights=tuple(loss_cfg.get("ce_weights",
+                                                                          (0.1, 5.0))),
+                             alpha=float(loss_cfg.get("alpha", 0.5)),
+                             beta=float(loss_cfg.get("beta", 0.5)),
+                             gamma=float(loss_cfg.get("gamma", 4 / 3)))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        running += float(loss.detach())
+        n_run += 1
+        if step % 10 == 0 or step == steps:
+            logf.write(json.dumps({"kind": "train", "step": step, "loss": running / n_run,
+                                   "elapsed_s": round(time.perf_counter() - t0, 1)}) + "\n")
+            logf.flush()
+            if step % 50 == 0:
+                say(f"step {step}: loss {running / n_run:.4f} "
+                    f"({time.perf_counter() - t0:.0f} s)")
+            running, n_run = 0.0, 0
+        if step % val_every == 0 or time.perf_counter() - last_val[0] > val_every_s:
+            validate()
+            checkpoint_state()
+    if not curve or curve[-1]["step"] != step:
+        validate()
+        checkpoint_state()
+    logf.close()
+    best_path = out / f"{name}.pt"
+    meta = json.loads(best_path.with_suffix(".json").read_text())
+    meta["val_curve"] = curve
+    meta["total_training_seconds"] = round(time.perf_counter() - t0, 1)
+    meta["total_steps"] = step
+    # the record may change, the weights not: rewrite the JSON only (sha256 unchanged)
+    best_path.with_suffix(".json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
+    say(f"best val CPM {best:.3f}; checkpoint {best_path}")
+    return best_path

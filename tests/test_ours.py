@@ -1,0 +1,303 @@
+"""Tests of the reference method "ours" (3D U-Net): training that can fail, the shipped
+checkpoint, checkpoint integrity, geometry round trips, bad input, fine-tuning and the CLI."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from cmbbench.errors import ConfigurationError, InvalidValuesError  # noqa: E402
+from cmbbench.examples import affine_for, sphere  # noqa: E402
+from cmbbench.methods.api import ScanInput  # noqa: E402
+from cmbbench.methods.ours import DEFAULT_CHECKPOINT  # noqa: E402
+from cmbbench.methods.ours.losses import combined_loss  # noqa: E402
+from cmbbench.methods.ours.plugin import Ours, load_checkpoint, save_checkpoint  # noqa: E402
+from cmbbench.methods.ours.preprocess import (  # noqa: E402
+    preprocess,
+    resample_labels,
+    to_native,
+    work_to_native_index,
+)
+from cmbbench.methods.ours.unet import UNet3D  # noqa: E402
+
+torch.set_num_threads(2)
+
+
+def phantom(shape=(96, 96, 40), spacing=(1.0, 1.0, 2.5), orientation="RAS", seed=0,
+            cmbs=((0.35, 0.5, 0.5), (0.62, 0.4, 0.55), (0.5, 0.68, 0.45)), radius_mm=2.0):
+    """A head-like ellipsoid (tissue ~1, ventricle-like bright CSF, noise) with dark spheres;
+    returns image, affine, instance labels."""
+    rng = np.random.default_rng(seed)
+    sp = np.asarray(spacing, float)
+    grids = np.meshgrid(*[(np.arange(n) - (n - 1) / 2) * s for n, s in zip(shape, sp)],
+                        indexing="ij")
+    ext = np.array(shape) * sp
+    r = np.sqrt(sum((g / (0.42 * e)) ** 2 for g, e in zip(grids, ext)))
+    img = np.where(r < 1, 1.0, 0.03).astype(np.float32)
+    vent = np.sqrt((grids[0] / 6) ** 2 + (grids[1] / 14) ** 2 + (grids[2] / 10) ** 2) < 1
+    img[vent] = 1.6
+    labels = np.zeros(shape, np.int16)
+    for n, c in enumerate(cmbs, start=1):
+        ball = sphere(shape, np.array(c) * (np.array(shape) - 1), radius_mm, sp)
+        img[ball] = 0.15
+        labels[ball] = n
+    img = img + rng.normal(0, 0.04, shape).astype(np.float32)
+    return img.astype(np.float32), affine_for(tuple(sp), orientation, shape), labels
+
+
+# --------------------------------------------------------------------------------------------
+# geometry
+
+
+@pytest.mark.parametrize("orientation", ["RAS", "LPS", "LAS", "ASL"])
+def test_preprocess_round_trip(orientation):
+    img, aff, lab = phantom(orientation=orientation)
+    pre = preprocess(img, aff)
+    assert pre.image.dtype == np.float32 and pre.mask.any()
+    wl = resample_labels(lab, aff, pre)
+    assert set(np.unique(wl)) == set(np.unique(lab))
+    back = to_native(wl, pre, order=0)
+    assert back.shape == img.shape
+    for n in range(1, 4):
+        c_native = np.argwhere(lab == n).mean(0)
+        c_back = np.argwhere(back == n).mean(0)
+        c_idx = work_to_native_index(np.argwhere(wl == n).mean(0), pre)[0]
+        sp = np.array([1.0, 1.0, 2.5])
+        assert np.abs((c_back - c_native) * sp).max() < 1.5
+        assert np.abs((c_idx - c_native) * sp).max() < 1.5
+
+
+# --------------------------------------------------------------------------------------------
+# training that can fail
+
+
+def test_unet_overfits_tiny_set():
+    torch.manual_seed(0)
+    imgs, labs = [], []
+    for s in range(2):
+        img, _, lab = phantom(shape=(24, 24, 24), spacing=(1, 1, 1), seed=s,
+                              cmbs=((0.3 + 0.2 * s, 0.5, 0.5), (0.7, 0.4 + 0.2 * s, 0.4)))
+        img = (img - np.median(img)) / 0.2
+        imgs.append(img)
+        labs.append(lab > 0)
+    x = torch.from_numpy(np.stack(imgs)[:, None])
+    y = torch.from_numpy(np.stack(labs)).long()
+    torch.set_flush_denormal(True)
+    model = UNet3D((8, 16), deep_supervision=False)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    first = None
+    for _ in range(70):
+        loss = combined_loss(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        first = first if first is not None else float(loss.detach())
+    model.eval()
+    with torch.no_grad():
+        pred = torch.softmax(model(x), 1)[:, 1] > 0.5
+    inter = (pred & y.bool()).sum().item()
+    dice = 2 * inter / (pred.sum().item() + y.sum().item())
+    assert float(loss.detach()) < 0.3 * first, (first, float(loss.detach()))
+    assert dice > 0.7, dice
+
+
+def test_deep_supervision_outputs():
+    model = UNet3D((4, 8, 16), deep_supervision=True).train()
+    outs = model(torch.zeros(1, 1, 16, 16, 16))
+    assert [tuple(o.shape[2:]) for o in outs] == [(16, 16, 16), (8, 8, 8)]
+    y = torch.zeros(1, 16, 16, 16, dtype=torch.long)
+    y[0, 8, 8, 8] = 1
+    assert torch.isfinite(combined_loss(outs, y))
+    assert model.eval()(torch.zeros(1, 1, 16, 16, 16)).shape == (1, 2, 16, 16, 16)
+
+
+# --------------------------------------------------------------------------------------------
+# checkpoint integrity
+
+
+def test_shipped_checkpoint_loads_weights_only():
+    meta = json.loads(DEFAULT_CHECKPOINT.with_suffix(".json").read_text())
+    state = torch.load(DEFAULT_CHECKPOINT, map_location="cpu", weights_only=True)
+    assert "state_dict" in state
+    model, meta2 = load_checkpoint(DEFAULT_CHECKPOINT)
+    assert meta2["sha256"] == meta["sha256"]
+    assert DEFAULT_CHECKPOINT.stat().st_size < 8 * 2 ** 20
+    assert meta["datasets"]["train"]["scan_ids"] and "SYNTH-test" not in json.dumps(
+        meta["datasets"])
+
+
+def test_tampered_checkpoint_is_refused(tmp_path):
+    ck = tmp_path / "m.pt"
+    shutil.copy(DEFAULT_CHECKPOINT, ck)
+    shutil.copy(DEFAULT_CHECKPOINT.with_suffix(".json"), ck.with_suffix(".json"))
+    load_checkpoint(ck)
+    data = bytearray(ck.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    ck.write_bytes(bytes(data))
+    with pytest.raises(ConfigurationError, match="sha256") as err:
+        load_checkpoint(ck)
+    assert "\n" not in str(err.value)
+    ck.with_suffix(".json").unlink()
+    with pytest.raises(ConfigurationError, match="JSON"):
+        load_checkpoint(ck)
+
+
+def test_pickled_code_is_refused_even_with_matching_sha(tmp_path):
+    import hashlib
+
+    ck = tmp_path / "evil.pt"
+    torch.save({"state_dict": {}, "model": {}, "payload": Path("/")}, ck)  # not a weight type
+    ck.with_suffix(".json").write_text(json.dumps(
+        {"sha256": hashlib.sha256(ck.read_bytes()).hexdigest()}))
+    with pytest.raises(ConfigurationError, match="cannot be loaded"):
+        load_checkpoint(ck)
+
+
+def test_save_load_round_trip(tmp_path):
+    m = UNet3D((4, 8))
+    meta = save_checkpoint(m, tmp_path / "x.pt", {"recipe": {"work_mm": 1.0}})
+    m2, meta2 = load_checkpoint(tmp_path / "x.pt")
+    assert meta2["sha256"] == meta["sha256"]
+    for a, b in zip(m.state_dict().values(), m2.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+# --------------------------------------------------------------------------------------------
+# shipped checkpoint finds CMBs
+
+
+@pytest.fixture(scope="module")
+def ours():
+    m = Ours()
+    m.load()
+    return m
+
+
+def test_shipped_checkpoint_finds_cmbs(ours):
+    img, aff, lab = phantom(shape=(120, 120, 48), spacing=(0.9, 0.9, 2.0), radius_mm=2.5)
+    pred = ours.predict(ScanInput("p", img, aff, sequence="T2S"))
+    assert pred.probability.shape == img.shape
+    assert 0 <= pred.probability.min() and pred.probability.max() <= 1
+    found = 0
+    for n in range(1, 4):
+        found += pred.probability[lab == n].max() >= 0.5
+    assert found >= 2, [float(pred.probability[lab == n].max()) for n in range(1, 4)]
+    cands = pred.candidates
+    strong = cands[cands["score"] >= 0.5]
+    assert len(strong) <= 6
+
+
+# --------------------------------------------------------------------------------------------
+# bad input
+
+
+def test_bad_dimensions(ours):
+    with pytest.raises(InvalidValuesError, match="3D"):
+        ours.predict(ScanInput("x", np.zeros((64, 64), np.float32), np.eye(4)))
+    with pytest.raises(InvalidValuesError, match="3D"):
+        ours.predict(ScanInput("x", np.zeros((32, 32, 16, 3), np.float32), np.eye(4)))
+    img, aff, _ = phantom(shape=(48, 48, 20))
+    pred = ours.predict(ScanInput("x", img[..., None], aff))  # trailing singleton: squeezed
+    assert pred.probability.shape == img.shape
+
+
+def test_nans_are_replaced(ours):
+    img, aff, _ = phantom(shape=(48, 48, 20))
+    img[:5] = np.nan
+    pred = ours.predict(ScanInput("x", img, aff))
+    assert np.isfinite(pred.probability).all()
+    with pytest.raises(InvalidValuesError, match="finite"):
+        ours.predict(ScanInput("x", np.full((32, 32, 16), np.nan, np.float32), aff))
+
+
+def test_extreme_anisotropy_and_far_resolution(ours, caplog):
+    img, aff, _ = phantom(shape=(240, 240, 14), spacing=(0.4, 0.4, 7.0))
+    with caplog.at_level("WARNING"):
+        pred = ours.predict(ScanInput("x", img, aff))
+    assert pred.probability.shape == img.shape
+    assert "training envelope" in caplog.text
+    img, aff, _ = phantom(shape=(50, 50, 40), spacing=(3.0, 3.0, 3.0))
+    pred = ours.predict(ScanInput("x", img, aff))
+    assert pred.probability.shape == img.shape
+    with pytest.raises(InvalidValuesError, match="voxel size"):
+        ours.predict(ScanInput("x", img, np.diag([0.01, 0.01, 0.01, 1.0])))
+    with pytest.raises(InvalidValuesError, match="voxel size"):
+        ours.predict(ScanInput("x", img, np.diag([1.0, 1.0, 20.0, 1.0])))
+
+
+# --------------------------------------------------------------------------------------------
+# fine-tuning, resume and the CLI
+
+
+def _tiny_dataset(root: Path) -> Path:
+    from cmbbench.dataset import DatasetWriter
+    from cmbbench.harmonize import lesions_from_labels
+    from cmbbench.model import ScanInfo
+
+    w = DatasetWriter(root, name="TINY", version="1")
+    for s in range(3):
+        img, aff, lab = phantom(shape=(64, 64, 24), spacing=(1.0, 1.0, 2.5), seed=s)
+        sid = f"tiny-{s}"
+        w.add_scan(ScanInfo(sid, sequence="T2S"), img, aff, lab,
+                   lesions_from_labels(lab, aff, scan_id=sid))
+    w.close()
+    return root
+
+
+def test_finetune_and_resume_via_cli(tmp_path):
+    from click.testing import CliRunner
+
+    from cmbbench.cli import main
+
+    ds = _tiny_dataset(tmp_path / "tiny")
+    out = tmp_path / "ft"
+    args = ["train", "--method", "ours", "--recipe", "ours-synth-v1", "--init",
+            str(DEFAULT_CHECKPOINT), "--dataset", str(ds), "--out", str(out), "--steps", "2",
+            "--quiet"]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    best = Path(res.output.strip().splitlines()[-1])
+    meta = json.loads(best.with_suffix(".json").read_text())
+    assert meta["init"]["sha256"] == json.loads(
+        DEFAULT_CHECKPOINT.with_suffix(".json").read_text())["sha256"]
+    tr, va = meta["datasets"]["train"]["scan_ids"], meta["datasets"]["val"]["scan_ids"]
+    assert va and tr and not set(tr) & set(va)
+    load_checkpoint(best)
+    # resume continues from step 2
+    args[args.index("--steps") + 1] = "3"
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    vals = [e["step"] for e in log if e["kind"] == "val"]
+    assert vals == [2, 3]
+
+
+def test_train_refuses_synth_test_and_unknown_recipe():
+    from cmbbench.methods.ours.train import load_recipe, open_split
+
+    with pytest.raises(ConfigurationError, match="unknown training recipe"):
+        load_recipe("nope")
+    with pytest.raises(ConfigurationError, match="SYNTH-test"):
+        open_split({"dataset": "SYNTH-test", "version": "1"})
+
+
+def test_cmbbench_imports_without_torch():
+    code = ("import sys, cmbbench, cmbbench.cli, cmbbench.evaluation, cmbbench.methods.registry;"
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_registered_and_info():
+    from cmbbench.methods.registry import available_methods, method_info
+
+    assert "ours" in available_methods()
+    info = method_info("ours")
+    assert info["requirements"]["torch"] and info["requirements"]["trainable"]
