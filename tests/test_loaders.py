@@ -397,6 +397,14 @@ def test_bad_input_errors_name_the_file(tmp_path):
     with pytest.raises(UnreadableInputError) as e:
         prepare(card("DOU", "dou"), src, tmp_path / "oc")
     _one_line(e.value, "01.mat")
+    # MATLAB v7.3 (HDF5) file: named as such, with the remedy
+    src = write_dou(tmp_path / "c73", {"01": (img, LPS, C1)})
+    (src / "cmb-3dcnn-data/ground_truth/01.mat").write_bytes(
+        b"MATLAB 7.3 MAT-file, Platform: GLNXA64" + bytes(200))
+    with pytest.raises(UnreadableInputError) as e:
+        prepare(card("DOU", "dou"), src, tmp_path / "oc73")
+    _one_line(e.value, "01.mat")
+    assert "v7.3" in str(e.value)
     # cen of the wrong shape
     src = write_dou(tmp_path / "d", {"01": (img, LPS, C1)})
     scipy.io.savemat(str(src / "cmb-3dcnn-data/ground_truth/01.mat"), {"cen": np.ones((2, 2))})

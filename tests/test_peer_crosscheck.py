@@ -34,6 +34,7 @@ import cc3d
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import outcome_counts
 from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import connected_components, maximum_bipartite_matching
 
@@ -92,16 +93,10 @@ def overlap_rule(assignment: str, duplicates: str) -> MatchRule:
 
 
 def counts_from_table(table: pd.DataFrame) -> dict[str, int]:
-    """TP/FP/FN counted from cmbbench's per-lesion/per-candidate table."""
-    ref = table[table["kind"] == "reference"]
-    cand = table[table["kind"] == "candidate"]
-    return {
-        "tp": int((ref["outcome"] == "TP").sum()),
-        "fn": int((ref["outcome"] == "FN").sum()),
-        "tp_pred": int((cand["outcome"] == "TP").sum()),
-        "fp": int((cand["outcome"] == "FP").sum()),
-        "ignored": int((cand["outcome"] == "ignored").sum()),
-    }
+    """TP/FP/FN counted from cmbbench's per-lesion/per-candidate table (no merging rule here)."""
+    counts = outcome_counts(table)
+    counts.pop("merged")
+    return counts
 
 
 def cmbbench_counts(ref: np.ndarray, pred: np.ndarray, rule: MatchRule,

@@ -37,8 +37,16 @@ def read_dou_mat(path: Path) -> np.ndarray:
         The file is not a readable MATLAB file, has no ``cen``, or ``cen`` is not N x 3.
     """
     try:
+        with open(path, "rb") as fh:
+            header = fh.read(128)
+    except OSError as exc:
+        raise UnreadableInputError(f"cannot read the file ({exc.strerror})", path) from None
+    if header.startswith(b"MATLAB 7.3"):  # HDF5-based, which scipy.io.loadmat cannot read
+        raise UnreadableInputError("MATLAB v7.3 (HDF5) .mat files are not supported; re-save "
+                                   "the file with MATLAB's -v7 option", path)
+    try:
         mat = scipy.io.loadmat(str(path))
-    except (ValueError, OSError, TypeError, NotImplementedError, KeyError, IndexError) as exc:
+    except (ValueError, OSError, TypeError, KeyError, IndexError) as exc:
         raise UnreadableInputError(f"not a readable MATLAB .mat file "
                                    f"({' '.join(str(exc).split())[:120]})", path) from None
     except Exception as exc:  # scipy raises assorted errors on corrupt streams
