@@ -69,6 +69,26 @@ class PartialFailureError(CmbbenchError):
     exit_code = 8
 
 
+class InvalidSubmissionError(CmbbenchError):
+    """A submission was refused: ``cmbbench validate`` found problems (all of them are listed in
+    :attr:`problems`), or a ``.zip`` is unsafe (path traversal, absolute paths, links, declared
+    size or file count over the limits). Nothing is written to the store."""
+
+    exit_code = 9
+
+    def __init__(self, message: str, path: str | Path | None = None, *,
+                 problems: list[str] | None = None) -> None:
+        super().__init__(message, path)
+        self.problems = list(problems or [])
+
+
+class StoreError(CmbbenchError):
+    """The results store cannot be opened, created or written (bad URL, unreachable server,
+    a file that is not a cmbbench store, a lock held longer than the timeout)."""
+
+    exit_code = 10
+
+
 class ConsistencyError(CmbbenchError):
     """An internal invariant failed (e.g. TP + FN != number of references): a bug, not bad input."""
 
@@ -86,5 +106,8 @@ EXIT_CODES: dict[int, str] = {
     ConfigurationError.exit_code: "configuration error: unknown rule name, invalid option",
     PartialFailureError.exit_code: "partial failure: some scans failed, the others finished "
                                    "(re-run to retry only the failed ones)",
+    InvalidSubmissionError.exit_code: "invalid submission: validation problems (all listed), or "
+                                       "an unsafe/oversized .zip; nothing stored",
+    StoreError.exit_code: "results store error: cannot open, create or write the store",
     ConsistencyError.exit_code: "internal consistency check failed (please report)",
 }

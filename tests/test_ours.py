@@ -109,6 +109,42 @@ def test_unet_overfits_tiny_set():
     assert dice > 0.7, dice
 
 
+def test_dark_spots_and_hard_negative_sampling():
+    from cmbbench.methods.ours.sampling import Case, PatchSampler, dark_spots
+
+    rng = np.random.default_rng(0)
+    img = rng.normal(0, 0.3, (40, 40, 40)).astype(np.float32)
+    mask = np.zeros(img.shape, bool)
+    mask[4:36, 4:36, 4:36] = True
+    lab = np.zeros(img.shape, np.uint8)
+    img[9:12, 9:12, 9:12] = -6.0   # a 3-voxel CMB at (10,10,10) and a mimic at (30,30,30)
+    img[29:32, 29:32, 29:32] = -6.0
+    lab[9:12, 9:12, 9:12] = 1
+    pts = dark_spots(img, mask, lab, z_max=-2.0)
+    d_mimic = np.abs(pts - [30, 30, 30]).max(1)
+    d_cmb = np.abs(pts - [10, 10, 10]).max(1)
+    assert (d_mimic <= 1).any()                # the dark spot is found
+    assert (d_cmb > 4).all()                   # nothing near the CMB is a negative
+    case = Case("c", img, lab, mask, hard_voxels=np.array([[30, 30, 30]]))
+    sampler = PatchSampler([case], 12, pos_fraction=0.0, hard_fraction=1.0, seed=1)
+    for _ in range(20):
+        patch, target = sampler.sample()
+        assert patch.min() <= -6.0 and target.sum() == 0   # every crop holds the mimic
+    sampler = PatchSampler([case], 12, pos_fraction=1.0, seed=1)
+    assert all(sampler.sample()[1].sum() > 0 for _ in range(20))
+
+
+def test_operating_remap_is_monotone_and_moves_the_threshold():
+    from cmbbench.methods.ours.plugin import operating_remap
+
+    p = np.linspace(0, 1, 1001)
+    q = operating_remap(p, 0.8)
+    assert np.all(np.diff(q) >= 0) and q[0] == 0 and abs(q[-1] - 1) < 1e-6
+    assert abs(float(operating_remap(0.8, 0.8)) - 0.5) < 1e-6
+    assert ((q >= 0.5) == (p >= 0.8 - 1e-9)).all()
+    assert np.array_equal(operating_remap(p, None), p.astype(np.float32))
+
+
 def test_deep_supervision_outputs():
     model = UNet3D((4, 8, 16), deep_supervision=True).train()
     outs = model(torch.zeros(1, 1, 16, 16, 16))

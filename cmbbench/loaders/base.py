@@ -19,8 +19,15 @@ A *loader* knows one raw layout. It has two steps:
   lesion centroid stays the annotated point, in world RAS+ mm through the affine;
 - mask datasets: a binary mask is split into 26-connected instances, an instance mask keeps
   its instances (renumbered 1..n); ``mask_source = rater``;
-- every lesion's ``location`` is ``unknown``: no atlas registration is implemented yet (the
-  reason is recorded in ``dataset.json`` under ``location_reason``).
+- every lesion gets a MARS ``location`` (lobar/deep/infratentorial) from the bundled atlas
+  registered to its scan (:mod:`cmbbench.loaders.location`), or ``unknown`` with the reason:
+  per scan in ``scans.csv`` (``location_source``, ``registration_dice``, ``registration_cost``),
+  per lesion in ``dataset.json`` ``scan_notes.<scan_id>.location_unknown``, summarised in
+  ``location_reason``; the method and its thresholds are in ``location_method``. Scans
+  without lesions are not registered. A card with ``location: none`` (or
+  ``prepare(..., locate=False)``) skips registration: every location is then ``unknown``
+  with :data:`LOCATION_REASON`. A loader whose raw labels carry locations sets
+  ``provides_location = True`` and is not registered either.
 
 Resumability: each scan leaves ``images/<id>.nii.gz``, ``labels/<id>.nii.gz`` (written to a
 temporary name and renamed) and last its shard ``.shards/<id>.json`` (renamed into place). A
@@ -71,10 +78,10 @@ log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int, str], None]
 
-#: Why every lesion's MARS location is ``unknown`` (recorded in ``dataset.json``).
-LOCATION_REASON = ("no atlas registration implemented yet: MARS location (lobar/deep/"
-                   "infratentorial) needs the bundled MNI template and label map registered to "
-                   "each scan, which cmbbench does not do yet")
+#: Why every lesion's MARS location is ``unknown`` when atlas registration is switched off
+#: (card ``location: none`` or ``prepare(..., locate=False)``; recorded in ``dataset.json``).
+LOCATION_REASON = ("location switched off for this dataset (card 'location: none'): no atlas "
+                   "registration was run")
 
 #: Default distance (mm) under which two point annotations of one scan are one CMB.
 DEFAULT_MERGE_MM = 1.5
@@ -317,8 +324,32 @@ def harmonize_scan(raw: RawScan, *, label_kind: str, rule: GrowRule,
     return image, labels, lesions, notes
 
 
+def _locate(image: np.ndarray, affine: np.ndarray, lesions: pd.DataFrame, row: dict,
+            notes: dict, locate: bool) -> dict | None:
+    """Fill ``lesions.location`` and the scan's location columns/notes; return the
+    registration summary for the shard (None when not registered)."""
+    row["registration_dice"] = float("nan")
+    row["registration_cost"] = float("nan")
+    if not locate:
+        row["location_source"] = "unknown: location switched off"
+        return None
+    from .location import locate_lesions
+
+    loc = locate_lesions(image, affine, lesions)
+    row["location_source"] = loc.source
+    if loc.registration is None:
+        return None
+    reg = loc.registration
+    row["registration_dice"] = float(reg.dice)
+    row["registration_cost"] = float(reg.cost)
+    lesions["location"] = loc.locations
+    if loc.reasons:
+        notes["location_unknown"] = {str(k): v for k, v in loc.reasons.items()}
+    return reg.summary()
+
+
 def _write_scan(loader: Loader, ref: RawScanRef, out: Path, options: dict, split: str,
-                base_info: dict, rule: GrowRule, merge_mm: float) -> dict:
+                base_info: dict, rule: GrowRule, merge_mm: float, locate: bool = True) -> dict:
     raw = loader.load(ref, options)
     image, labels, lesions, notes = harmonize_scan(raw, label_kind=loader.label_kind, rule=rule,
                                                    merge_distance_mm=merge_mm)
@@ -333,6 +364,11 @@ def _write_scan(loader: Loader, ref: RawScanRef, out: Path, options: dict, split
         row["slice_thickness_mm"] = float(vs[2])
     row["shape"] = "x".join(str(s) for s in image.shape)
     row["n_cmb"] = len(lesions)
+    if getattr(loader, "provides_location", False):
+        row["location_source"] = "raw labels"
+        registration = None
+    else:
+        registration = _locate(image, raw.affine, lesions, row, notes, locate)
     checksums = {}
     path = write_volume(out / "images" / f"{ref.scan_id}.nii.gz", image, raw.affine)
     checksums[f"images/{ref.scan_id}.nii.gz"] = sha256_file(path)
@@ -349,6 +385,7 @@ def _write_scan(loader: Loader, ref: RawScanRef, out: Path, options: dict, split
         "raw": {"image": str(ref.image_path),
                 "label": None if ref.label_path is None else str(ref.label_path)},
         "notes": notes,
+        "registration": registration,
     }
     sd = shard_dir(out)
     sd.mkdir(exist_ok=True)
@@ -373,14 +410,33 @@ def _scan_split(card: dict, subject_id: str) -> str:
     return str(split)
 
 
-def _record(card: dict, loader: Loader) -> dict:
+def _locate_enabled(card: dict, locate: bool | None) -> bool:
+    if locate is not None:
+        return bool(locate)
+    value = str(card.get("location", "atlas")).lower()
+    if value not in ("atlas", "none"):
+        raise ConfigurationError(f"card {card.get('name')}: location must be 'atlas' or "
+                                 f"'none', got {card.get('location')!r}")
+    return value == "atlas"
+
+
+def _location_record(locate: bool) -> dict | None:
+    if not locate:
+        return None
+    from .location import location_method
+
+    return location_method()
+
+
+def _record(card: dict, loader: Loader, locate: bool) -> dict:
     return {"dataset": card.get("name"), "version": str(card.get("version", "0")),
             "loader": loader.name, "options": card.get("loader_options") or {},
-            "grow_rule": card.get("grow_rule") or {}, "split": card.get("split", "test")}
+            "grow_rule": card.get("grow_rule") or {}, "split": card.get("split", "test"),
+            "location": _location_record(locate)}
 
 
 def prepare(card: dict, source: str | Path, out: str | Path, *,
-            progress: Progress | None = None) -> HarmonizedDataset:
+            progress: Progress | None = None, locate: bool | None = None) -> HarmonizedDataset:
     """Turn the raw dataset at ``source`` into the harmonized layout at ``out`` (resumable).
 
     Parameters
@@ -394,6 +450,9 @@ def prepare(card: dict, source: str | Path, out: str | Path, *,
         Output folder; scans already prepared there (a shard exists) are skipped.
     progress
         Called as ``progress(done, total, scan_id)`` after each scan and once at start.
+    locate
+        Derive MARS locations by atlas registration (default: the card's ``location``,
+        ``atlas`` unless it says ``none``); see the module docstring.
 
     Raises
     ------
@@ -424,7 +483,9 @@ def prepare(card: dict, source: str | Path, out: str | Path, *,
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise MissingInputError(f"output folder is not writable ({exc.strerror})", out) from None
-    record = _record(card, loader)
+    do_locate = _locate_enabled(card, locate) and not getattr(loader, "provides_location",
+                                                               False)
+    record = _record(card, loader, do_locate)
     rec_path = out / "prepare.json"
     if rec_path.is_file():
         if json.loads(rec_path.read_text()) != json.loads(json.dumps(record)):
@@ -446,15 +507,36 @@ def prepare(card: dict, source: str | Path, out: str | Path, *,
     finished = len(refs) - len(todo)
     for ref in todo:
         _write_scan(loader, ref, out, options, _scan_split(card, ref.subject_id), base_info,
-                    rule, merge_mm)
+                    rule, merge_mm, do_locate)
         finished += 1
         if progress:
             progress(finished, len(refs), ref.scan_id)
-    return _assemble(card, loader, out, ids, rule, source)
+    return _assemble(card, loader, out, ids, rule, source, record["location"])
+
+
+def _location_reason(scans: pd.DataFrame, lesions: pd.DataFrame, notes: dict,
+                     method: dict | None) -> str | None:
+    """One line saying why lesions are ``unknown`` (None when every lesion has a class)."""
+    if method is None:
+        return LOCATION_REASON
+    unknown = int((lesions["location"] == "unknown").sum()) if len(lesions) else 0
+    if not unknown:
+        return None
+    src = scans.get("location_source", pd.Series([], dtype=str)).astype(str)
+    failed = scans[src.str.startswith("unknown") & (scans["n_cmb"] > 0)]
+    n_failed = int(failed["n_cmb"].sum())
+    parts = []
+    if len(failed):
+        parts.append(f"{n_failed} on {len(failed)} scan(s) whose atlas registration was not "
+                     f"accepted (scans.csv location_source says why)")
+    if unknown - n_failed:
+        parts.append(f"{unknown - n_failed} whose centroid falls outside the brain labels of the "
+                     f"registered atlas (dataset.json scan_notes.<scan_id>.location_unknown)")
+    return f"{unknown} of {len(lesions)} lesions unknown: " + "; ".join(parts)
 
 
 def _assemble(card: dict, loader: Loader, out: Path, ids: list[str], rule: GrowRule,
-              source: Path) -> HarmonizedDataset:
+              source: Path, location: dict | None) -> HarmonizedDataset:
     from .statistics import dataset_statistics
 
     shards = [json.loads((shard_dir(out) / f"{sid}.json").read_text()) for sid in ids]
@@ -475,7 +557,10 @@ def _assemble(card: dict, loader: Loader, out: Path, ids: list[str], rule: GrowR
         "cmbbench_version": __version__, "loader": loader.name, "source": str(source),
         "mask_source": "derived" if derived else "rater",
         "grow_rule": json.loads(rule.describe()) if derived else None,
-        "location_method": None, "location_reason": LOCATION_REASON,
+        "location_method": ({"method": "raw labels"} if getattr(loader, "provides_location",
+                                                                 False) else location),
+        "location_reason": (None if getattr(loader, "provides_location", False)
+                            else _location_reason(scans, lesions, notes, location)),
         "n_scans": len(scans), "n_cmb": len(lesions),
         "scan_notes": notes, "checksums": checksums,
     }

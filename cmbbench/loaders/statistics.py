@@ -51,7 +51,9 @@ def dataset_statistics(ds: HarmonizedDataset) -> dict:
         (scan counts), ``voxel_mm`` (scan count per ``"x x y x z"`` voxel size, mm),
         ``slice_thickness_mm`` (summary), ``diameter_mm`` (summary of apparent diameters, mm),
         ``diameter_histogram`` (counts per :data:`DIAMETER_BINS_MM` bin), ``locations``
-        (lesion counts per MARS class), ``location_reason``, ``mask_source`` (lesion counts).
+        (lesion counts per MARS class), ``location_reason``, ``location_sources`` (scan counts
+        per ``scans.csv`` ``location_source``, reasons cut at the colon),
+        ``registration_dice`` (summary over registered scans), ``mask_source`` (lesion counts).
     """
     scans, lesions = ds.scans, ds.lesions
     per_scan = lesions.groupby("scan_id").size().reindex(scans["scan_id"].astype(str),
@@ -80,6 +82,11 @@ def dataset_statistics(ds: HarmonizedDataset) -> dict:
         "diameter_mm": _summary(diam), "diameter_histogram": hist,
         "locations": {name: int((loc == name).sum()) for name in LOCATIONS},
         "location_reason": ds.card.get("location_reason"),
+        "location_sources": _counts(scans["location_source"].fillna("").astype(str)
+                                    .str.split(":").str[0]) if "location_source" in scans
+        else {},
+        "registration_dice": _summary(scans["registration_dice"]) if "registration_dice" in
+        scans else _summary(pd.Series([], dtype=float)),
         "mask_source": _counts(lesions["mask_source"]) if len(lesions) else {},
     }
 
@@ -104,6 +111,10 @@ def statistics_markdown(stats: dict) -> str:
     lines += table(stats["splits"], "split") + table(stats["voxel_mm"], "voxel size (mm)")
     lines += table(stats["diameter_histogram"], "diameter (mm)")
     lines += table(stats["locations"], "MARS location")
+    if stats.get("location_sources"):
+        lines += table(stats["location_sources"], "location source (scans)")
+    if (stats.get("registration_dice") or {}).get("n"):
+        lines += [f"- atlas registration Dice: {fmt(stats['registration_dice'])}", ""]
     if stats.get("location_reason"):
         lines += [f"Location `unknown` because: {stats['location_reason']}", ""]
     return "\n".join(lines)

@@ -30,7 +30,7 @@ from .postprocess import keep_candidate, tissue_maps
 from .preprocess import preprocess, to_native, work_to_native_index
 from .unet import UNet3D
 
-__all__ = ["Ours", "load_checkpoint", "save_checkpoint", "sha256_of"]
+__all__ = ["Ours", "load_checkpoint", "operating_remap", "save_checkpoint", "sha256_of"]
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,20 @@ def sha256_of(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def operating_remap(p: np.ndarray | float, threshold: float | None) -> np.ndarray:
+    """Monotone piecewise-linear map of probabilities with ``threshold -> 0.5``.
+
+    ``[0, t] -> [0, 0.5]`` and ``[t, 1] -> [0.5, 1]`` linearly; the identity when
+    ``threshold`` is None or 0.5. Order (hence FROC, CPM, AP) is preserved; what changes is
+    which candidates count at the benchmark's default operating threshold of 0.5.
+    """
+    p = np.asarray(p, dtype=np.float32)
+    if threshold is None or abs(float(threshold) - 0.5) < 1e-9:
+        return p
+    t = float(np.clip(threshold, 1e-3, 1 - 1e-3))
+    return np.where(p < t, 0.5 * p / t, 0.5 + 0.5 * (p - t) / (1 - t)).astype(np.float32)
 
 
 def build_model(model_cfg: dict) -> UNet3D:
@@ -125,20 +139,25 @@ class Ours(Method):
     requirements = Requirements(sequences=("SWI", "T2S"), trainable=True, torch=True)
 
     def __init__(self, checkpoint: str | None = None, tta: bool = False,
-                 postprocess: bool = True, threshold: float = 0.1, patch: int = 96,
-                 overlap: float = 0.15, threads: int = 0, **params: object) -> None:
+                 postprocess: bool | None = None, threshold: float = 0.1, patch: int = 96,
+                 overlap: float = 0.15, threads: int = 0, surface_mm: float | None = None,
+                 operating_threshold: float | None = None, **params: object) -> None:
         super().__init__(checkpoint=checkpoint, tta=tta, postprocess=postprocess,
                          threshold=threshold, patch=patch, overlap=overlap, threads=threads,
+                         surface_mm=surface_mm, operating_threshold=operating_threshold,
                          **params)
         if params:
             raise TypeError(f"unknown parameter(s): {', '.join(params)}")
         self.checkpoint = Path(checkpoint) if checkpoint else DEFAULT_CHECKPOINT
         self.tta = _as_bool(tta)
-        self.postprocess = _as_bool(postprocess)
+        self.postprocess = None if postprocess is None else _as_bool(postprocess)
         self.threshold = float(threshold)
         self.patch = int(patch)
         self.overlap = float(overlap)
         self.threads = int(threads)
+        # None: the checkpoint's validated choice (``operating`` in its JSON), else 2 mm / 0.5
+        self._surface_mm = None if surface_mm is None else float(surface_mm)
+        self._operating = None if operating_threshold is None else float(operating_threshold)
         self.model: UNet3D | None = None
         self.meta: dict = {}
 
@@ -149,25 +168,50 @@ class Ours(Method):
             torch.set_num_threads(self.threads)
 
     @property
+    def use_postprocess(self) -> bool:
+        """Whether the location rules drop candidates (default: the checkpoint's validated
+        choice, else on)."""
+        if self.postprocess is not None:
+            return self.postprocess
+        return bool((self.meta.get("operating") or {}).get("postprocess", True))
+
+    @property
+    def surface_mm(self) -> float:
+        """Width (mm) of the brain-surface band whose candidates are dropped (0: none)."""
+        if self._surface_mm is not None:
+            return self._surface_mm
+        return float((self.meta.get("operating") or {}).get("surface_mm", 2.0))
+
+    @property
+    def operating_threshold(self) -> float | None:
+        """Probability mapped to score 0.5 (None: no remapping)."""
+        if self._operating is not None:
+            return self._operating
+        return (self.meta.get("operating") or {}).get("threshold")
+
+    @property
     def work_mm(self) -> float:
         return float(self.meta.get("recipe", {}).get("work_mm", 1.0))
 
-    def predict_work(self, pre) -> tuple[np.ndarray, list[dict], np.ndarray]:  # noqa: ANN001
-        """On the working grid: the probability map after post-processing (when enabled),
-        every candidate row (with ``kept``/``reason`` from the location rules), and the map
-        before post-processing."""
+    def infer_work(self, pre) -> np.ndarray:
+        """Raw probability map on the working grid (sliding window, optional flip TTA)."""
         self.load()
-        raw = sliding_window(self.model, pre.image, pre.mask, patch=self.patch,
-                             overlap=self.overlap, tta=self.tta)
+        return sliding_window(self.model, pre.image, pre.mask, patch=self.patch,
+                              overlap=self.overlap, tta=self.tta)
+
+    def postprocess_work(self, raw: np.ndarray, pre) -> tuple[np.ndarray, list[dict], np.ndarray]:
+        """Candidates of a raw working-grid map and the location rules: the map after
+        post-processing (when enabled), every candidate row (with ``kept``/``reason``), and the
+        map before post-processing."""
         lab, rows = extract_candidates(raw, threshold=self.threshold)
-        tissue = tissue_maps(pre.image, pre.mask, pre.work_mm)
+        tissue = tissue_maps(pre.image, pre.mask, pre.work_mm, surface_mm=self.surface_mm)
         before = raw.copy()
         before[raw < 0.5 * self.threshold] = 0
         for r in rows:
             keep, why = keep_candidate(tissue, (r["i"], r["j"], r["k"]))
             r["kept"], r["reason"] = bool(keep), why
         after = before
-        if self.postprocess and rows:
+        if self.use_postprocess and rows:
             lut = np.zeros(int(lab.max()) + 1, bool)
             for r in rows:
                 lut[r["label"]] = not r["kept"]
@@ -175,12 +219,16 @@ class Ours(Method):
             after[lut[lab]] = 0
         return after, rows, before
 
+    def predict_work(self, pre) -> tuple[np.ndarray, list[dict], np.ndarray]:
+        """:meth:`infer_work` then :meth:`postprocess_work`."""
+        return self.postprocess_work(self.infer_work(pre), pre)
+
     def to_native(self, prob: np.ndarray, rows: list[dict], pre,  # noqa: ANN001
                   postprocess: bool | None = None) -> tuple[np.ndarray, pd.DataFrame]:
         """Working-grid map + candidate rows -> native-grid map and candidate table (each
         candidate's peak voxel carries its score, so that no candidate is lost to
         interpolation)."""
-        pp = self.postprocess if postprocess is None else postprocess
+        pp = self.use_postprocess if postprocess is None else postprocess
         native = np.clip(to_native(prob, pre, order=1), 0, 1).astype(np.float32)
         kept = [r for r in rows if r["kept"] or not pp]
         if not kept:
@@ -200,6 +248,10 @@ class Ours(Method):
         pre = preprocess(scan.image, scan.affine, work_mm=self.work_mm)
         prob, rows, _ = self.predict_work(pre)
         native, cands = self.to_native(prob, rows, pre)
+        native = operating_remap(native, self.operating_threshold)
+        if len(cands):
+            cands["score"] = operating_remap(cands["score"].to_numpy(float),
+                                             self.operating_threshold).astype(float)
         log.debug("ours: %s in %.1f s, %d candidate(s)", scan.scan_id,
                   time.perf_counter() - t0, len(cands))
         return Prediction(probability=native, candidates=cands)

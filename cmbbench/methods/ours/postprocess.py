@@ -4,7 +4,7 @@ The poster drops a predicted component whose dominant SynthSeg label is not brai
 Here the method segments the scan itself, on the working grid:
 
 - **brain mask**: the image-derived mask of :mod:`.preprocess`;
-- **surface band**: voxels within ``surface_mm`` of the mask's border (sulcal/cortical
+- **surface band**: voxels within ``surface_mm`` (0: no band) of the mask's border (sulcal/cortical
   surface, meninges, skull-base air-tissue interfaces where susceptibility artefacts sit);
 - **CSF**: a 3-class intensity split (quantile-initialised 1D k-means over the smoothed,
   normalised image in the mask); on T2*-weighted GRE and SWI magnitude, CSF is the brightest
@@ -54,7 +54,9 @@ def tissue_maps(image: np.ndarray, mask: np.ndarray, spacing_mm: float = 1.0, *,
         keep[1:] = sizes * spacing_mm ** 3 >= 20
         csf = keep[lab]
     csf = ndimage.binary_dilation(csf, iterations=max(1, int(round(1.0 / spacing_mm))))
-    r = max(1, int(round(surface_mm / spacing_mm)))
+    r = int(round(surface_mm / spacing_mm))
+    if r <= 0:
+        return TissueMaps(mask, np.zeros_like(mask), csf, spacing_mm)
     inner = ndimage.binary_erosion(mask, iterations=r, border_value=1)
     return TissueMaps(mask, mask & ~inner, csf, spacing_mm)
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+from scipy import ndimage
 
-__all__ = ["Case", "PatchSampler"]
+__all__ = ["Case", "PatchSampler", "crop_to_brain", "dark_spots"]
 
 
 @dataclass
@@ -14,12 +15,13 @@ class Case:
     """One preprocessed training scan on the working grid."""
 
     scan_id: str
-    image: np.ndarray      # float32 normalised
-    labels: np.ndarray     # int instance map (0 = background)
+    image: np.ndarray      # normalised (float32, or float16 to save memory)
+    labels: np.ndarray     # CMB label map (0 = background; instance ids or binary)
     mask: np.ndarray       # bool brain mask
     sequence: str = "unknown"
     cmb_voxels: np.ndarray = field(default=None)  # (N, 3) voxel indices of CMB voxels
     brain_voxels: np.ndarray = field(default=None)
+    hard_voxels: np.ndarray = field(default=None)  # (M, 3) centres of hard negatives
 
     def __post_init__(self) -> None:
         if self.cmb_voxels is None:
@@ -27,6 +29,41 @@ class Case:
         if self.brain_voxels is None:
             bv = np.argwhere(self.mask)
             self.brain_voxels = bv[:: max(1, len(bv) // 50_000)]
+        if self.hard_voxels is None:
+            self.hard_voxels = np.zeros((0, 3), int)
+
+
+def crop_to_brain(image: np.ndarray, labels: np.ndarray, mask: np.ndarray, margin: int,
+                  extra: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
+    """Crop working-grid arrays to the brain mask's bounding box plus ``margin`` voxels
+    (training memory: about half of a whole-head field of view is outside the brain)."""
+    if not mask.any():
+        return (image, labels, mask) + (() if extra is None else (extra,))
+    idx = np.argwhere(mask)
+    lo = np.maximum(idx.min(0) - margin, 0)
+    hi = np.minimum(idx.max(0) + margin + 1, mask.shape)
+    sl = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+    out = (image[sl], labels[sl], mask[sl])
+    return out + (() if extra is None else (extra[sl],))
+
+
+def dark_spots(image: np.ndarray, mask: np.ndarray, labels: np.ndarray, *,
+               z_max: float = -2.0, exclude_vox: int = 4, limit: int = 3000,
+               seed: int = 0) -> np.ndarray:
+    """Hard-negative centres: local intensity minima (3x3x3, after a 0.7-voxel Gaussian)
+    inside the brain mask (dilated by 4 voxels) darker than ``z_max`` robust z-units and farther than
+    ``exclude_vox`` voxels (Chebyshev) from any CMB voxel -- veins, iron, calcifications,
+    flow voids and dark edges, whatever the dataset. Returns (M, 3) voxel indices."""
+    sm = ndimage.gaussian_filter(image.astype(np.float32), 0.7)
+    near = ndimage.binary_dilation(mask, iterations=4)  # just outside the mask too
+    minima = (sm == ndimage.minimum_filter(sm, size=3)) & near & (sm < z_max)
+    if labels.any():
+        minima &= ~ndimage.binary_dilation(labels > 0, np.ones((3, 3, 3), bool),
+                                            iterations=exclude_vox)
+    pts = np.argwhere(minima)
+    if len(pts) > limit:
+        pts = pts[np.random.default_rng(seed).choice(len(pts), limit, replace=False)]
+    return pts
 
 
 def _crop(arr: np.ndarray, centre: np.ndarray, size: int, fill: float) -> np.ndarray:
@@ -40,27 +77,36 @@ def _crop(arr: np.ndarray, centre: np.ndarray, size: int, fill: float) -> np.nda
 
 class PatchSampler:
     """Draws ``(image, target)`` crops of ``size`` voxels: a share ``pos_fraction`` centred
-    (with jitter of up to ``size // 4``) on a random CMB voxel of a random positive case, the
-    rest centred on a random brain voxel of any case (negatives: mimics, veins, CSF, edges)."""
+    (with jitter of up to ``size // 4``) on a random CMB voxel of a random positive case, a
+    share ``hard_fraction`` centred (same jitter) on a hard negative of a random case
+    (:attr:`Case.hard_voxels`: dark spots and, on synthetic data, the inserted mimics), the
+    rest centred on a random brain voxel of any case (negatives: veins, CSF, edges).
+    ``hard_fraction`` falls back to random brain voxels for cases without hard negatives."""
 
     def __init__(self, cases: list[Case], size: int, *, pos_fraction: float = 0.67,
-                 seed: int = 0) -> None:
+                 hard_fraction: float = 0.0, seed: int = 0) -> None:
         if not cases:
             raise ValueError("no training cases")
         self.cases = cases
         self.size = int(size)
         self.pos_fraction = float(pos_fraction)
+        self.hard_fraction = float(hard_fraction)
         self.rng = np.random.default_rng(seed)
         self.positive = [c for c in cases if len(c.cmb_voxels)]
 
     def sample(self) -> tuple[np.ndarray, np.ndarray]:
         rng = self.rng
-        if self.positive and rng.random() < self.pos_fraction:
+        u = rng.random()
+        jitter = self.size // 4
+        case = self.cases[rng.integers(len(self.cases))]
+        if self.positive and u < self.pos_fraction:
             case = self.positive[rng.integers(len(self.positive))]
             centre = case.cmb_voxels[rng.integers(len(case.cmb_voxels))]
-            centre = centre + rng.integers(-(self.size // 4), self.size // 4 + 1, size=3)
+            centre = centre + rng.integers(-jitter, jitter + 1, size=3)
+        elif u < self.pos_fraction + self.hard_fraction and len(case.hard_voxels):
+            centre = case.hard_voxels[rng.integers(len(case.hard_voxels))]
+            centre = centre + rng.integers(-jitter, jitter + 1, size=3)
         else:
-            case = self.cases[rng.integers(len(self.cases))]
             pool = case.brain_voxels if len(case.brain_voxels) else np.argwhere(
                 np.ones(case.image.shape, bool))[:1000]
             centre = pool[rng.integers(len(pool))]

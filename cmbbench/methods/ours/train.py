@@ -36,8 +36,8 @@ from . import RECIPES_DIR
 from .augment import augment_batch
 from .losses import combined_loss
 from .plugin import Ours, build_model, load_checkpoint, save_checkpoint
-from .preprocess import preprocess, resample_labels, to_native
-from .sampling import Case, PatchSampler
+from .preprocess import preprocess, resample_labels
+from .sampling import Case, PatchSampler, crop_to_brain, dark_spots
 
 __all__ = ["load_recipe", "train", "DataRef", "open_split"]
 
@@ -144,18 +144,58 @@ def _split_dataset(ref: str | Path, seed: int, max_scans: int | None) -> tuple[D
             DataRef(ds.name, version, ds.root, _from_dataset(ds, val_ids)))
 
 
-def _load_cases(ref: DataRef, work_mm: float, progress: Callable[[str], None]) -> list[Case]:
+def _mimic_centres(labels: np.ndarray, per_instance: int, rng: np.random.Generator
+                   ) -> np.ndarray:
+    """Up to ``per_instance`` random voxels of each instance of a (mimic) label map."""
+    pts = np.argwhere(labels > 0)
+    if not len(pts):
+        return np.zeros((0, 3), int)
+    ids = labels[tuple(pts.T)]
+    keep = []
+    for i in np.unique(ids):
+        where = np.flatnonzero(ids == i)
+        keep.append(rng.choice(where, min(per_instance, len(where)), replace=False))
+    return pts[np.concatenate(keep)]
+
+
+def _load_cases(ref: DataRef, work_mm: float, progress: Callable[[str], None], *,
+                margin: int = 0, hard: dict | None = None, seed: int = 0) -> list[Case]:
+    """Preprocess training scans onto the working grid, cropped to the brain box plus
+    ``margin`` voxels. With ``hard`` (the recipe's ``sampling`` mapping), each case gets its
+    hard-negative centres: :func:`.sampling.dark_spots` (``dark_z``) plus, where the dataset
+    has mimic maps (synthetic data: ``mimics/<scan_id>.nii.gz``), up to
+    ``mimic_voxels_per_instance`` voxels of each mimic."""
     from ...nifti import read_volume
 
+    rng = np.random.default_rng(seed)
     cases = []
-    for sid, ip, lp, seq, _ in ref.items:
+    t0 = time.perf_counter()
+    for n, (sid, ip, lp, seq, _) in enumerate(ref.items):
         vol = read_volume(ip)
         pre = preprocess(vol.data, vol.affine, work_mm=work_mm)
         if lp is not None and Path(lp).is_file():
             lab = resample_labels(np.asarray(read_volume(lp).data), vol.affine, pre)
         else:
             lab = np.zeros(pre.image.shape, np.int32)
-        cases.append(Case(sid, pre.image, lab.astype(np.int16), pre.mask, seq))
+        mim = None
+        mp = Path(ip).parent.parent / "mimics" / Path(ip).name
+        if hard and mp.is_file():
+            mim = resample_labels(np.asarray(read_volume(mp).data), vol.affine, pre)
+        image, lab, mask, *rest = crop_to_brain(pre.image, lab, pre.mask, margin, mim)
+        hard_pts = None
+        if hard:
+            pts = [dark_spots(image, mask, lab, z_max=float(hard.get("dark_z", -2.0)),
+                              seed=int(rng.integers(2**31)))]
+            if rest:
+                pts.append(_mimic_centres(rest[0], int(hard.get("mimic_voxels_per_instance",
+                                                                    10)), rng))
+            hard_pts = np.concatenate(pts)
+        # float16 image and binary labels: 120 whole-brain training scans fit in ~4 GB
+        cases.append(Case(sid, image.astype(np.float16), (lab > 0).astype(np.uint8), mask, seq,
+                          hard_voxels=hard_pts))
+        if (n + 1) % 10 == 0:
+            progress(f"preprocessed {n + 1}/{len(ref.items)} training scans "
+                     f"({time.perf_counter() - t0:.0f} s)")
     progress(f"loaded {len(cases)} training scan(s) from {ref.name}")
     return cases
 
@@ -214,6 +254,78 @@ class _ValSet:
         return out
 
 
+def calibrate(model: torch.nn.Module, val: _ValSet, infer: dict, *,
+              surfaces: tuple[float, ...] = (2.0, 0.0),
+              progress: Callable[[str], None] | None = None) -> dict:
+    """Choose the post-processing variant and the operating threshold on validation scans.
+
+    Variants: the location rules with each surface band width in ``surfaces`` (mm), and no
+    post-processing. The variant with the highest CPM (threshold-free; ties: the earlier, more
+    conservative one) is kept; its operating threshold is the candidate score that maximises
+    the pooled F1 over the validation scans (rule ``cmbbench``). Returns the ``operating``
+    record stored in the checkpoint JSON (with every variant's numbers).
+    """
+    from ...matching import MATCH_COLUMNS, get_rule
+    from ...metrics import scan_table
+    from ...scoring import ScoreResult, score_case
+
+    say = progress or (lambda m: log.info(m))
+    rule = get_rule("cmbbench")
+    meth = Ours(threshold=float(infer.get("threshold", 0.1)), patch=int(infer.get("patch", 96)),
+                overlap=float(infer.get("overlap", 0.15)), postprocess=True)
+    meth.model, meth.meta = model, {}
+    model.eval()
+    names = [f"surface_{s:g}mm" for s in surfaces] + ["none"]
+    acc: dict[str, tuple[list, list]] = {n: ([], []) for n in names}
+    t0 = time.perf_counter()
+    for sid, pre, affine, labels, lesions, seq in val.items:
+        raw = meth.infer_work(pre)
+        lz = _lesion_frame(lesions, sid)
+        for name, surf in zip(names, list(surfaces) + [None]):
+            meth._surface_mm = 0.0 if surf is None else float(surf)
+            after, rows, before = meth.postprocess_work(raw, pre)
+            pp = surf is not None
+            native, _ = meth.to_native(after if pp else before, rows, pre, postprocess=pp)
+            case = score_case(scan_id=sid, lesions=lz, image_shape=native.shape,
+                              image_affine=affine, rule=rule, ref_labels=labels,
+                              prediction=native)
+            acc[name][0].append(case.table)
+            acc[name][1].append({"scan_id": sid, "sequence": seq, **case.extras})
+    ids = [i[0] for i in val.items]
+    variants = {}
+    for name, (tables, extras) in acc.items():
+        ne = [t for t in tables if len(t)]
+        table = pd.concat(ne, ignore_index=True) if ne else pd.DataFrame(columns=MATCH_COLUMNS)
+        res = ScoreResult.from_tables(table, scan_table(table, ids, extra=pd.DataFrame(extras)),
+                                      rule, n_boot=0)
+        fr = res.froc
+        fr = fr[np.isfinite(fr["threshold"]) & (fr["threshold"] >= meth.threshold)]
+        p_, r_ = fr["precision"].fillna(0).to_numpy(), fr["sensitivity"].fillna(0).to_numpy()
+        f1 = np.where(p_ + r_ > 0, 2 * p_ * r_ / np.maximum(p_ + r_, 1e-12), 0.0)
+        best = int(np.argmax(f1)) if len(f1) else -1
+        variants[name] = {
+            "cpm": float(res.aggregates["cpm"]),
+            "f1_at_0.5": float(res.aggregates["f1_pooled"]),
+            "threshold": float(fr["threshold"].iloc[best]) if best >= 0 else 0.5,
+            "f1": float(f1[best]) if best >= 0 else 0.0,
+            "precision": float(p_[best]) if best >= 0 else 0.0,
+            "recall": float(r_[best]) if best >= 0 else 0.0,
+            "fp_per_scan": float(fr["fp_per_scan"].iloc[best]) if best >= 0 else 0.0}
+        say(f"calibration {name}: CPM {variants[name]['cpm']:.3f}, best F1 "
+            f"{variants[name]['f1']:.3f} at threshold {variants[name]['threshold']:.3f}")
+    chosen = max(names, key=lambda n: (np.nan_to_num(variants[n]["cpm"], nan=-1.0),
+                                       -names.index(n)))
+    v = variants[chosen]
+    # the operating point sits between the chosen candidate's score and the next lower one
+    op = {"postprocess": chosen != "none",
+          "surface_mm": float(surfaces[names.index(chosen)]) if chosen != "none" else 0.0,
+          "threshold": round(min(max(v["threshold"], meth.threshold), 0.99), 4),
+          "chosen": chosen, "variants": variants, "scans": ids, "rule": rule.rule_id,
+          "dataset": {"name": val.ref.name, "version": val.ref.version},
+          "seconds": round(time.perf_counter() - t0, 1)}
+    return op
+
+
 def _lesion_frame(lesions: pd.DataFrame, sid: str) -> pd.DataFrame:
     from ...model import LESION_COLUMNS
 
@@ -227,6 +339,17 @@ def _lesion_frame(lesions: pd.DataFrame, sid: str) -> pd.DataFrame:
     lz["n_voxels"] = lz["n_voxels"].fillna(0).astype(np.int64)
     lz["lesion_id"] = lz["lesion_id"].astype(np.int64)
     return lz[list(LESION_COLUMNS) + [c for c in lz.columns if c not in LESION_COLUMNS]]
+
+
+def _recipe_source(path: str | None) -> str | None:
+    """A shipped recipe as its path inside the package; any other YAML as given."""
+    if not path:
+        return None
+    try:
+        return "cmbbench/methods/ours/recipes/" + Path(path).resolve().relative_to(
+            RECIPES_DIR.resolve()).as_posix()
+    except ValueError:
+        return str(path)
 
 
 def _hardware() -> dict:
@@ -298,16 +421,19 @@ def train(recipe: str | Path | dict, *, out: str | Path | None = None,
     else:
         tr_ref, va_ref = open_split(rec["train"]), open_split(rec["val"])
     t_load = time.perf_counter()
-    cases = _load_cases(tr_ref, work_mm, say)
+    samp_cfg = dict(rec.get("sampling") or {})
+    crop = int(math.ceil(1.3 * patch))
+    cases = _load_cases(tr_ref, work_mm, say, margin=crop // 4,
+                        hard=samp_cfg if float(samp_cfg.get("hard_fraction", 0)) > 0 else None,
+                        seed=seed)
     val = _ValSet(va_ref, work_mm)
     say(f"preprocessed {len(cases)} train + {len(val.items)} val scan(s) in "
         f"{time.perf_counter() - t_load:.0f} s")
 
     opt = torch.optim.Adam(model.parameters(), lr=float(rec.get("lr", 1e-3)),
                            weight_decay=float(rec.get("weight_decay", 0.0)))
-    sampler = PatchSampler(cases, int(math.ceil(1.3 * patch)),
-                           pos_fraction=float(rec.get("sampling", {}).get("pos_fraction", 0.67)),
-                           seed=seed)
+    sampler = PatchSampler(cases, crop, pos_fraction=float(samp_cfg.get("pos_fraction", 0.67)),
+                           hard_fraction=float(samp_cfg.get("hard_fraction", 0.0)), seed=seed)
     g = torch.Generator().manual_seed(seed)
     step, best, curve, elapsed0 = 0, -1.0, [], 0.0
     last = out / "last.pt"
@@ -326,7 +452,7 @@ def train(recipe: str | Path | dict, *, out: str | Path | None = None,
     t0 = time.perf_counter() - elapsed0
     record_base = {
         "recipe": {k: v for k, v in rec.items() if not k.startswith("_")},
-        "recipe_file": rec.get("_path"), "seed": seed, "init": None if init is None else {
+        "recipe_file": _recipe_source(rec.get("_path")), "seed": seed, "init": None if init is None else {
             "path": str(init), "sha256": (init_meta or {}).get("sha256")},
         "datasets": {"train": tr_ref.record(), "val": va_ref.record()},
         "command": ("cmbbench train --method ours --recipe " + name +
@@ -369,7 +495,13 @@ def train(recipe: str | Path | dict, *, out: str | Path | None = None,
 
     model.train()
     running, n_run = 0.0, 0
+    lr0 = float(rec.get("lr", 1e-3))
+    poly = str(rec.get("lr_schedule", "constant")) == "poly"
     while step < steps and time.perf_counter() - t0 < budget_s:
+        if poly:  # lr0 (1 - progress)^0.9, progress by steps or by the wall-clock budget
+            frac = max(step / steps, (time.perf_counter() - t0) / budget_s)
+            for grp in opt.param_groups:
+                grp["lr"] = lr0 * max(1.0 - frac, 0.02) ** 0.9
         xb, yb = sampler.batch(batch)
         xb, yb = augment_batch(torch.from_numpy(xb), torch.from_numpy(yb), patch, g,
                                **{k: float(v) for k, v in aug_cfg.items()})
@@ -402,6 +534,16 @@ def train(recipe: str | Path | dict, *, out: str | Path | None = None,
     logf.close()
     best_path = out / f"{name}.pt"
     meta = json.loads(best_path.with_suffix(".json").read_text())
+    cal = rec.get("calibrate")
+    if cal and "operating" not in meta:
+        cal_ref = open_split(cal) if dataset is None else va_ref
+        say(f"calibrating the operating point on {len(cal_ref.items)} {cal_ref.name} scan(s)")
+        best_model, _ = load_checkpoint(best_path)
+        meta["operating"] = calibrate(best_model, _ValSet(cal_ref, work_mm), infer_cfg,
+                                      surfaces=tuple(float(x) for x in
+                                                     cal.get("surfaces_mm", (2.0, 0.0))),
+                                      progress=say)
+        meta.setdefault("recipe", {})["calibrate"] = cal
     meta["val_curve"] = curve
     meta["total_training_seconds"] = round(time.perf_counter() - t0, 1)
     meta["total_steps"] = step
