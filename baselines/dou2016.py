@@ -69,6 +69,7 @@ __all__ = [
     "DOU_GRID_MM",
     "Dou2016",
     "merge_close",
+    "mine_hard_negatives",
     "prepare_image",
     "screening_candidates",
     "split_stage1",
@@ -183,6 +184,30 @@ def split_stage1(centres: np.ndarray, references: np.ndarray, spacing_mm: Sequen
     sp = np.asarray(spacing_mm, dtype=np.float64)
     d = np.sqrt((((c[:, None, :] - r[None, :, :]) * sp) ** 2).sum(axis=-1))
     return d.min(axis=1) > match_mm
+
+
+def mine_hard_negatives(score_map: np.ndarray, references: np.ndarray,
+                        spacing_mm: Sequence[float], *, offset: Sequence[int] = (0, 0, 0),
+                        threshold: float = 0.64, mask: np.ndarray | None = None,
+                        max_candidates: int = 300, match_mm: float = 5.0
+                        ) -> tuple[np.ndarray, np.ndarray]:
+    """Stage-1 false positives of one scan: the hard negatives of stage 2.
+
+    The stage-1 candidates of ``score_map`` (:func:`screening_candidates`, shifted by
+    ``offset`` voxels when the map was computed on a sub-volume starting there) are split by
+    :func:`split_stage1` against the reference CMB centres.
+
+    Returns
+    -------
+    hard, hits
+        ``(H, 3)`` candidates with no reference CMB within ``match_mm`` and ``(N - H, 3)``
+        candidates that hit one (working-grid voxels).
+    """
+    centres, _ = screening_candidates(score_map, threshold=threshold, mask=mask,
+                                      max_candidates=max_candidates)
+    centres = centres + np.asarray(offset, dtype=np.int64)
+    fp = split_stage1(centres, references, spacing_mm, match_mm=match_mm)
+    return centres[fp], centres[~fp]
 
 
 def merge_close(centres: np.ndarray, scores: np.ndarray, spacing_mm: Sequence[float], *,

@@ -265,9 +265,13 @@ def datasets_info(name: str, as_json: bool) -> None:
               help="Folder of your copy of the raw dataset (see `datasets info NAME`).")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Output folder [default: the data home, see `datasets list`].")
+@click.option("--no-location", is_flag=True,
+              help="Skip the atlas registration: every MARS location is 'unknown'.")
 @click.option("--quiet", is_flag=True, help="No progress report.")
-def datasets_prepare(name: str, source: Path, out: Path | None, quiet: bool) -> None:
-    """Harmonize the raw dataset NAME from --source (resumes an interrupted run)."""
+def datasets_prepare(name: str, source: Path, out: Path | None, no_location: bool,
+                     quiet: bool) -> None:
+    """Harmonize the raw dataset NAME from --source (resumes an interrupted run); each
+    lesion's MARS location comes from the bundled atlas registered to its scan."""
     _setup_logging(True)
     from .loaders import prepare
     from .progress import ProgressReporter
@@ -277,7 +281,8 @@ def datasets_prepare(name: str, source: Path, out: Path | None, quiet: bool) -> 
         card = load_card(name)
         target = out or dataset_cache_dir(card)
         ds = prepare(card, source, target,
-                     progress=ProgressReporter(f"preparing {card['name']}", quiet=quiet))
+                     progress=ProgressReporter(f"preparing {card['name']}", quiet=quiet),
+                     locate=False if no_location else None)
     except CmbbenchError as exc:
         _fail(exc, False)
         return
@@ -311,6 +316,25 @@ def datasets_verify(name: str, path: Path | None, as_json: bool) -> None:
         if not as_json:
             click.echo(f"cmbbench: error: {report.root}: verification failed", err=True)
         sys.exit(InvalidValuesError.exit_code)
+
+
+@datasets.command("stats")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="Print the statistics as one JSON object.")
+def datasets_stats(name: str, as_json: bool) -> None:
+    """Statistics page of dataset NAME (registry name or folder; prepared or generated):
+    counts, CMBs per scan, sizes, MARS locations, registration quality, voxel sizes."""
+    _setup_logging(True)
+    from .dataset import read_dataset
+    from .loaders import dataset_statistics, statistics_markdown
+    from .registry import resolve_dataset
+
+    try:
+        stats = dataset_statistics(read_dataset(resolve_dataset(name, generate=False)))
+    except CmbbenchError as exc:
+        _fail(exc, as_json)
+        return
+    click.echo(json.dumps(stats, default=str) if as_json else statistics_markdown(stats))
 
 
 @main.command("make-example")
@@ -448,7 +472,7 @@ def _report_out(report, as_json: bool) -> None:  # noqa: ANN001 - RunReport, imp
 
 
 def _run_command(kind: str, *, method: str, dataset: str, params: tuple[str, ...], as_json: bool,
-                 quiet: bool, **kwargs: object) -> None:
+                 quiet: bool, store: dict | None = None, **kwargs: object) -> None:
     _setup_logging(quiet or as_json)
     logging.getLogger("distributed").setLevel(logging.WARNING)
     from .evaluation import evaluate, predict_dataset
@@ -464,6 +488,10 @@ def _run_command(kind: str, *, method: str, dataset: str, params: tuple[str, ...
     except CmbbenchError as exc:
         _fail(exc, as_json)
         return
+    if store is not None:  # evaluate: index the scored run in the results store
+        from .cli_store import store_after_evaluate
+
+        store_after_evaluate(report, as_json=as_json, quiet=quiet, **store)
     _report_out(report, as_json)
 
 
@@ -495,15 +523,21 @@ def predict_cmd(method: str, dataset: str, params: tuple[str, ...], backend: str
               help="Probability floor of candidate extraction [default: the rule's].")
 @click.option("--n-boot", type=int, default=1000, show_default=True,
               help="Bootstrap replicates over scans for the CIs (0: none).")
+@click.option("--db", "db_url", default=None,
+              help="Results store the finished run is imported into (URL or SQLite path) "
+                   "[default: $CMBBENCH_DB, else $CMBBENCH_HOME/store.sqlite].")
+@click.option("--no-store", is_flag=True, help="Do not import the run into the results store.")
 def evaluate_cmd(method: str, dataset: str, params: tuple[str, ...], backend: str,
                  workers: int | None, scheduler: str | None, seed: int, part_id: int,
                  num_parts: int, overwrite: bool, as_json: bool, quiet: bool, rule: str,
                  out: Path | None, threshold: float | None, floor: float | None,
-                 n_boot: int) -> None:
+                 n_boot: int, db_url: str | None, no_store: bool) -> None:
     """Run a method on a dataset and score it: prints per-scan mean ± SD and pooled metrics,
-    FP per scan, FP per CMB and CPM; results in RUN_DIR/results."""
+    FP per scan, FP per CMB and CPM; results in RUN_DIR/results; the scored run is imported
+    into the results store (a store problem is only a warning)."""
     _run_command("evaluate", method=method, dataset=dataset, params=params, as_json=as_json,
-                 quiet=quiet, out=out, rule=rule, n_boot=n_boot,
+                 quiet=quiet, store={"db": db_url, "no_store": no_store}, out=out, rule=rule,
+                 n_boot=n_boot,
                  rule_overrides={"operating_threshold": threshold, "candidate_floor": floor},
                  backend=backend, workers=workers, scheduler=scheduler, seed=seed,
                  part_id=part_id, num_parts=num_parts, overwrite=overwrite)
@@ -528,6 +562,10 @@ def merge_cmd(parts: tuple[Path, ...], out: Path, overwrite: bool, as_json: bool
     except CmbbenchError as exc:
         _fail(exc, as_json)
         return
+    if report.kind == "evaluate":  # a finished, scored run: index it in the results store
+        from .cli_store import store_after_evaluate
+
+        store_after_evaluate(report, db=None, no_store=False, as_json=as_json, quiet=quiet)
     _report_out(report, as_json)
 
 
@@ -575,6 +613,17 @@ def exit_codes() -> None:
     """List the documented exit codes."""
     for code, meaning in sorted(EXIT_CODES.items()):
         click.echo(f"{code:>3}  {meaning}")
+
+
+from .leaderboard.cli import leaderboard as _leaderboard  # after main is defined
+
+main.add_command(_leaderboard)
+
+
+# db, validate, submit (cmbbench/cli_store.py)
+from .cli_store import register as _register_store  # after the main group
+
+_register_store(main)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -50,8 +50,15 @@ from scipy.optimize import minimize
 from .geometry import voxel_sizes
 from .synth import anatomy
 
-__all__ = ["RegistrationConfig", "AtlasRegistration", "register_atlas", "block_downsample",
-           "foreground_mask", "REGISTRATION_NAME"]
+__all__ = [
+    "REGISTRATION_NAME",
+    "AtlasRegistration",
+    "RegistrationConfig",
+    "block_downsample",
+    "foreground_mask",
+    "register_atlas",
+    "scan_mask",
+]
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +93,9 @@ class RegistrationConfig:
     foreground_fraction
         Foreground threshold of :func:`foreground_mask`, as a fraction of the 99th percentile of
         the positive intensities.
+    mask_mm
+        The foreground mask is computed with the image block-averaged to about this voxel size
+        (fine enough to keep a dark skull apart from the brain), then carried to each level.
     detach_mm
         Erosion radius (mm) that detaches thin connections (scalp, neck) from the brain before
         the largest component is kept.
@@ -100,6 +110,12 @@ class RegistrationConfig:
         Scans whose foreground spans less than this along any world axis are not registered.
     max_points
         At most this many atlas sample points per level (a fixed random subset).
+    max_evaluations
+        Cost evaluations allowed at the coarse and the fine level (a good fit takes about
+        500 + 500; a hopeless image stops at the cap instead of wandering).
+    early_stop_dice
+        A fit whose Dice is under this after the coarse level is refused without running the
+        fine level.
     """
 
     working_mm: float = 4.0
@@ -107,14 +123,17 @@ class RegistrationConfig:
     shell_mm: float = 8.0
     mask_weight: float = 1.0
     foreground_fraction: float = 0.1
+    mask_mm: float = 2.0
     detach_mm: float = 6.0
-    min_dice: float = 0.80
+    min_dice: float = 0.90
     scale_bounds: tuple[float, float] = (0.75, 1.35)
     max_rotation_deg: float = 30.0
     max_translation_mm: float = 40.0
     max_shear: float = 0.15
     min_extent_mm: float = 60.0
     max_points: int = 12000
+    max_evaluations: tuple[int, int] = (800, 900)
+    early_stop_dice: float = 0.6
 
     def describe(self) -> dict:
         """JSON-able record of the registration: name and every setting."""
@@ -334,7 +353,7 @@ class _Level:
     data: np.ndarray       # normalised block-averaged scan
     mask: np.ndarray       # float32 foreground mask
     inv_affine: np.ndarray  # scan world -> level voxel
-    samples: _AtlasSamples
+    samples: _AtlasSamples | None
 
 
 def _cost_terms(m: np.ndarray, lv: _Level) -> tuple[float, float, float]:
@@ -365,17 +384,43 @@ def _cost_terms(m: np.ndarray, lv: _Level) -> tuple[float, float, float]:
 
 # ------------------------------------------------------------------------------ main entry
 
-def _level(image: np.ndarray, affine: np.ndarray, atlas: anatomy.Atlas, level_mm: float,
-           cfg: RegistrationConfig) -> tuple[_Level, np.ndarray, np.ndarray]:
+def scan_mask(image: np.ndarray, affine: np.ndarray,
+              cfg: RegistrationConfig) -> tuple[np.ndarray, np.ndarray]:
+    """The scan's foreground mask (:func:`foreground_mask`) on a grid block-averaged to about
+    :attr:`RegistrationConfig.mask_mm`, and that grid's 4x4 voxel-to-world matrix."""
+    data, aff = block_downsample(image, affine, cfg.mask_mm)
+    return foreground_mask(data, aff, fraction=cfg.foreground_fraction,
+                           detach_mm=cfg.detach_mm), aff
+
+
+def _mask_on(mask: np.ndarray, mask_aff: np.ndarray, shape: tuple[int, ...],
+             aff: np.ndarray) -> np.ndarray:
+    """Fraction of ``mask`` (on ``mask_aff``) in each voxel of the grid ``(shape, aff)``:
+    the mask smoothed to the target voxel size and interpolated (trilinear)."""
+    ratio = voxel_sizes(aff) / voxel_sizes(mask_aff)  # target voxel in mask voxels (about)
+    m = mask.astype(np.float32)
+    if np.any(ratio > 1.5):
+        m = ndi.gaussian_filter(m, sigma=np.maximum(ratio / 2.5, 0.0))
+    to_mask = np.linalg.inv(mask_aff) @ aff
+    return ndi.affine_transform(m, to_mask[:3, :3], offset=to_mask[:3, 3], output_shape=shape,
+                                order=1, mode="constant", cval=0.0).astype(np.float32)
+
+
+def _level(image: np.ndarray, affine: np.ndarray, level_mm: float, cfg: RegistrationConfig,
+           fine_mask: tuple[np.ndarray, np.ndarray]) -> tuple[_Level, np.ndarray, np.ndarray]:
     data, aff = block_downsample(image, affine, level_mm)
-    mask = foreground_mask(data, aff, fraction=cfg.foreground_fraction,
-                           detach_mm=cfg.detach_mm)
+    soft = _mask_on(*fine_mask, data.shape, aff)
+    mask = soft >= 0.5
     ref = float(np.percentile(data[mask], 99)) if mask.any() else 1.0
     norm = (data / (ref if ref > 0 else 1.0)).astype(np.float32)
-    lv = _Level(data=norm, mask=mask.astype(np.float32), inv_affine=np.linalg.inv(aff),
-                samples=_atlas_samples(atlas, float(level_mm), float(cfg.shell_mm),
-                                       int(cfg.max_points)))
+    lv = _Level(data=norm, mask=soft, inv_affine=np.linalg.inv(aff), samples=None)
     return lv, mask, aff
+
+
+def _with_samples(lv: _Level, atlas: anatomy.Atlas, level_mm: float,
+                  cfg: RegistrationConfig) -> _Level:
+    lv.samples = _atlas_samples(atlas, float(level_mm), float(cfg.shell_mm), int(cfg.max_points))
+    return lv
 
 
 def _registered_dice(m: np.ndarray, atlas: anatomy.Atlas, mask: np.ndarray,
@@ -431,7 +476,8 @@ def register_atlas(image: np.ndarray, affine: np.ndarray, *, atlas: anatomy.Atla
     img = np.asarray(image)
     if img.ndim != 3 or min(img.shape) < 1:
         return fail(f"not a 3D image (shape {img.shape})")
-    fine, mask, aff = _level(img, affine, atlas, cfg.working_mm, cfg)
+    fine_mask = scan_mask(img, affine, cfg)
+    fine, mask, aff = _level(img, affine, cfg.working_mm, cfg, fine_mask)
     if not mask.any():
         return fail("no foreground in the image (empty or non-positive)")
     idx = np.stack(np.nonzero(mask), axis=1).astype(np.float64)
@@ -440,6 +486,7 @@ def register_atlas(image: np.ndarray, affine: np.ndarray, *, atlas: anatomy.Atla
     if np.any(extent < cfg.min_extent_mm):
         return fail(f"foreground spans only {np.round(extent).astype(int).tolist()} mm along "
                     f"x/y/z, too small for a brain (minimum {cfg.min_extent_mm:g} mm)")
+    fine = _with_samples(fine, atlas, cfg.working_mm, cfg)
     c_scan = world.mean(axis=0)
     c_atlas = _atlas_centre(atlas)
     # volume-ratio scale only when the mask is not cut by the field of view
@@ -448,7 +495,8 @@ def register_atlas(image: np.ndarray, affine: np.ndarray, *, atlas: anatomy.Atla
     _, _, atlas_ml = _atlas_brain(atlas)
     scan_ml = float(mask.sum() * abs(np.linalg.det(aff[:3, :3])) / 1000.0)
     s0 = 1.0 if cut else float(np.clip((scan_ml / atlas_ml) ** (1 / 3), *cfg.scale_bounds))
-    coarse, _, _ = _level(img, affine, atlas, cfg.coarse_mm, cfg)
+    coarse = _with_samples(_level(img, affine, cfg.coarse_mm, cfg, fine_mask)[0], atlas,
+                           cfg.coarse_mm, cfg)
     lo_s, hi_s = (math.log(b) - math.log(s0) for b in cfg.scale_bounds)
     margin = 0.05
     bounds = ([(-cfg.max_translation_mm / 10, cfg.max_translation_mm / 10)] * 3
@@ -469,11 +517,20 @@ def register_atlas(image: np.ndarray, affine: np.ndarray, *, atlas: anatomy.Atla
     result.cost_initial = cost(q, fine)
     # coarse: 9 dof (no shear)
     res = minimize(lambda q9: cost(np.r_[q9, 0.0, 0.0, 0.0], coarse), q[:9], method="Powell",
-                   bounds=bounds[:9], options={"xtol": 1e-2, "ftol": 1e-4, "maxfev": 1500})
+                   bounds=bounds[:9],
+                   options={"xtol": 1e-2, "ftol": 1e-4, "maxfev": cfg.max_evaluations[0]})
     q[:9] = res.x
+    coarse_mask = coarse.mask > 0.5
+    coarse_dice = _registered_dice(_forward(q, c_atlas, c_scan, s0), atlas, coarse_mask,
+                                   np.linalg.inv(coarse.inv_affine))
+    if coarse_dice < cfg.early_stop_dice:  # hopeless: do not spend the fine level on it
+        result.forward = _forward(q, c_atlas, c_scan, s0)
+        result.dice, result.n_evaluations = coarse_dice, n_eval[0]
+        return fail(f"registration Dice {coarse_dice:.2f} < {cfg.min_dice:.2f} already at the "
+                    f"coarse level (atlas brain vs the scan's foreground mask)")
     # fine: 12 dof
     res = minimize(lambda q12: cost(q12, fine), q, method="Powell", bounds=bounds,
-                   options={"xtol": 1e-2, "ftol": 1e-4, "maxfev": 2000})
+                   options={"xtol": 1e-2, "ftol": 1e-4, "maxfev": cfg.max_evaluations[1]})
     q = res.x
     m = _forward(q, c_atlas, c_scan, s0)
     result.forward = m

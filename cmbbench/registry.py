@@ -15,8 +15,8 @@ import yaml
 
 from .errors import ConfigurationError, MissingInputError, UnreadableInputError
 
-__all__ = ["registry_dir", "data_home", "list_cards", "load_card", "dataset_cache_dir",
-           "resolve_dataset"]
+__all__ = ["data_home", "dataset_cache_dir", "list_cards", "load_card", "not_prepared_message",
+           "registry_dir", "resolve_dataset"]
 
 
 def registry_dir() -> Path:
@@ -82,6 +82,24 @@ def dataset_cache_dir(card: dict) -> Path:
     return data_home() / "datasets" / f"{card['name']}-v{card.get('version', '0')}"
 
 
+def not_prepared_message(card: dict, target: Path) -> str:
+    """One line saying how to obtain and prepare a real dataset that is not (fully) prepared
+    in ``target``."""
+    name = card["name"]
+    prepare = f"`cmbbench datasets prepare {name} --source RAW_DIR`"
+    if (Path(target) / ".shards").is_dir():
+        return (f"dataset {name} is only half-prepared (an interrupted prepare): re-run "
+                f"{prepare} with the same RAW_DIR to finish it")
+    where = " ".join(str(card.get("obtain") or "").split()).rstrip(".")
+    url = card.get("url")
+    if url:
+        obtain = f"get it from {url}" + (f" ({where})" if where else "")
+    else:
+        obtain = where or "get your copy of the raw data"
+    return (f"dataset {name} is not prepared: {obtain}, then run {prepare}; details: "
+            f"`cmbbench datasets info {name}`")
+
+
 def resolve_dataset(ref: str | Path, *, generate: bool = True, workers: int | None = None,
                     quiet: bool = False) -> Path:
     """Folder of a harmonized dataset given a folder path or a registry name.
@@ -107,10 +125,7 @@ def resolve_dataset(ref: str | Path, *, generate: bool = True, workers: int | No
     if (target / "dataset.json").is_file() and (target / "scans.csv").is_file():
         return target
     if card.get("kind") != "synthetic":
-        raise MissingInputError(
-            f"dataset {card['name']} is not prepared (or only half-prepared): run "
-            f"`cmbbench datasets prepare {card['name']} --source RAW_DIR` on your copy of the raw "
-            f"data; see `cmbbench datasets info {card['name']}`", target)
+        raise MissingInputError(not_prepared_message(card, target), target)
     if not generate:
         raise MissingInputError(f"dataset {card['name']} has not been generated yet", target)
     from .progress import ProgressReporter

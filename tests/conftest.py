@@ -70,3 +70,22 @@ def make_case(refs: list[tuple[tuple[float, float, float], float]],
 @pytest.fixture
 def case_factory():
     return make_case
+
+
+@pytest.fixture(scope="session")
+def synth_scan():
+    """One generated SYNTH scan (2.5 mm voxels, 3 T SWI, 30 CMBs, the three MARS classes equally
+    likely): a realistic brain with known lesions and their true MARS locations (``.lesions``).
+    Shared by the loader round-trip and the atlas-location tests (about 4 s to generate)."""
+    import dataclasses
+
+    from cmbbench.synth.anatomy import load_atlas
+    from cmbbench.synth.generator import generate_scan
+    from cmbbench.synth.recipe import load_recipe
+
+    recipe = dataclasses.replace(load_recipe("SYNTH-val"),
+                                 location_weights={"lobar": 1.0, "deep": 1.0,
+                                                   "infratentorial": 1.0})
+    return generate_scan(recipe, 0, atlas=load_atlas(),
+                         overrides={"n_cmb": 30, "inplane_mm": 2.5, "slice_thickness_mm": 2.5,
+                                    "gap_mm": 0.0, "protocol": "swi_3t_3d"})

@@ -182,6 +182,18 @@ def build_store(root: Path) -> str:
     runs.append(_run("dou-bian", "bian2013@1.0", DOU, "cmbbench@1", "reproduced", 20,
                      "2026-01-06T00:00:00+00:00"))
     aggs += _overall("dou-bian", (0.5, 0.4, 0.6), 1.5, 20)
+    for s in ("dou-01", "dou-02"):  # no image anywhere: the drill-down says so
+        scans.append({"dataset_id": DOU, "scan_id": s, "subject_id": s, "split": "test",
+                      "sequence": "SWI", "field_strength_t": 3.0, "slice_thickness_mm": 2.0,
+                      "slice_thickness_bin": "(1.5, 3] mm", "voxel_mm_x": 0.45,
+                      "voxel_mm_y": 0.45, "voxel_mm_z": 2.0, "n_cmb": 3, "image_path": None})
+        scan_rows.append({"run_id": "dou-bian", "scan_id": s, "tp": 2, "fp": 1, "fn": 1,
+                          "n_ref": 3, "n_pred": 3, "precision": 2 / 3, "recall": 2 / 3,
+                          "f1": 2 / 3, "dice_scan": None})
+        match_rows.append({"run_id": "dou-bian", "row": len(match_rows), "scan_id": s,
+                           "kind": "fp", "lesion_id": None, "candidate_id": 1, "score": 0.8,
+                           "distance_mm": None, "x_mm": 1.0, "y_mm": 2.0, "z_mm": 3.0,
+                           "i": None, "j": None, "k": None, "mimic_class": None})
     runs.append(_run("dou-poster", "poster@2024", DOU, "delpozo2024@1", "reported", 20,
                      "2026-01-07T00:00:00+00:00"))
     aggs += [r for r in _overall("dou-poster", (0.756, 0.0, 0.0), 0.50, 20, n_boot=None)

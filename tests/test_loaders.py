@@ -19,12 +19,22 @@ import scipy.io
 from click.testing import CliRunner
 
 from cmbbench.cli import main
-from cmbbench.errors import (CmbbenchError, GeometryMismatchError, InvalidValuesError,
-                             MissingInputError, UnreadableInputError)
+from cmbbench.errors import (
+    CmbbenchError,
+    GeometryMismatchError,
+    InvalidValuesError,
+    MissingInputError,
+    UnreadableInputError,
+)
 from cmbbench.examples import affine_for, sphere
 from cmbbench.harmonize import GrowRule, lesions_from_labels
-from cmbbench.loaders import (LOCATION_REASON, dataset_statistics, prepare, statistics_markdown,
-                              verify_dataset)
+from cmbbench.loaders import (
+    LOCATION_REASON,
+    dataset_statistics,
+    prepare,
+    statistics_markdown,
+    verify_dataset,
+)
 from cmbbench.loaders.base import merge_duplicate_points, patient_split
 from cmbbench.registry import load_card, resolve_dataset
 
@@ -121,8 +131,9 @@ def write_valdo(root: Path, scans: dict[str, tuple], dtypes=None) -> Path:
     return root
 
 
-def write_momeni(root: Path, scans: dict[str, tuple], negatives: dict[str, tuple] = {},
+def write_momeni(root: Path, scans: dict[str, tuple], negatives: dict[str, tuple] | None = None,
                  duplicates: bool = False) -> Path:
+    negatives = negatives or {}
     base = root / "PublicDataShare_2020"
     rows = [["NIfTI file", "x", "y", "z"]]
     for stem, (img, aff, centres) in scans.items():
@@ -185,7 +196,11 @@ def test_dou_one_based_cen_lps_las_and_nans(tmp_path):
     assert les["y_mm"].iloc[0] == pytest.approx(-(10 - (SHAPE[1] - 1) / 2))
     assert ds.card["mask_source"] == "derived"
     assert ds.card["grow_rule"] == json.loads(GrowRule().describe())
-    assert ds.card["location_reason"] == LOCATION_REASON
+    # a 40 mm ellipsoid is no brain: atlas registration refuses it, with the reason
+    assert ds.card["location_reason"].startswith("4 of 4 lesions unknown")
+    assert ds.scans["location_source"].str.contains("too small for a brain").all()
+    assert ds.card["location_method"]["registration"]["name"] == "cmbbench-atlas-affine@1"
+    assert set(ds.card["scan_notes"]["DOU-01"]["location_unknown"]) == {"1", "2", "3"}
     assert ds.card["scan_notes"]["DOU-01"]["nonfinite_voxels_set_to_0"] == 8
     assert np.isfinite(ds.read_image("DOU-01").data).all()
     lab = ds.read_labels("DOU-01")
@@ -371,6 +386,48 @@ def test_round_trip_every_raw_format(tmp_path):
     assert len(tables["dou"]) == len(truth) == 4
 
 
+def test_round_trip_of_a_synth_scan_through_every_raw_format(synth_scan, tmp_path):
+    """A generated SYNTH scan (real anatomy, 30 CMBs, LAS/LPS grid as drawn) written as each raw
+    format and prepared back: the mask formats give SYNTH's own lesion table (instances,
+    centroids, sizes), the point formats its centroids (as 1-based .mat/Excel values) and,
+    among themselves, identical derived tables. Locations are switched off here (the same
+    registration would run six times; see tests/test_location.py)."""
+    g = synth_scan
+    img, aff, lab = g.image.astype(np.float32), g.affine, g.labels
+    centres = g.lesions.sort_values("lesion_id")[["i", "j", "k"]].to_numpy(float)
+    pts = [tuple(c) for c in centres]
+    srcs = {
+        "dou": write_dou(tmp_path / "dou", {"01": (img, aff, pts)}),
+        "momeni": write_momeni(tmp_path / "mom", {"P01_v1": (img, aff, pts)}),
+        "yonsei": write_yonsei(tmp_path / "yon", {"S01": (img, aff, pts)}),
+        "valdo": write_valdo(tmp_path / "val", {"sub-201": (img, aff, lab)}),
+        "bids": write_bids(tmp_path / "bids", {"sub-01": (img, aff, lab)}, instance=True),
+        "nnunet": write_nnunet(tmp_path / "nn", {"case_001": (img, aff, lab)}),
+    }
+    tables = {}
+    for loader, src in srcs.items():
+        ds = prepare(card(loader.upper(), loader, location="none",
+                          loader_options={"variant": "real"}), src, tmp_path / f"o-{loader}")
+        assert len(ds.scan_ids) == 1
+        tables[loader] = ds.lesions.sort_values(["i", "j", "k"]).reset_index(drop=True)
+    truth = g.lesions.sort_values(["i", "j", "k"]).reset_index(drop=True)
+    assert len(truth) == 30
+    geo = ["x_mm", "y_mm", "z_mm", "i", "j", "k"]
+    size = ["n_voxels", "volume_mm3", "diameter_mm"]
+    # world mm to 1e-4: a NIfTI header stores the affine in float32 (SYNTH's table is float64)
+    for loader in ("valdo", "bids", "nnunet"):
+        pd.testing.assert_frame_equal(tables[loader][geo + size], truth[geo + size],
+                                      check_dtype=False, atol=1e-4, obj=loader)
+        assert (tables[loader]["mask_source"] == "rater").all()
+    for loader in ("dou", "momeni", "yonsei"):
+        pd.testing.assert_frame_equal(tables[loader][geo], truth[geo], check_dtype=False,
+                                      atol=1e-4, obj=loader)
+        cols = geo + size + ["lesion_id", "mask_source", "location"]
+        pd.testing.assert_frame_equal(tables[loader][cols], tables["dou"][cols],
+                                      check_dtype=False, obj=loader)
+        assert (tables[loader]["mask_source"] == "derived").all()
+
+
 # ------------------------------------------------------------------ bad input
 
 def _one_line(exc: CmbbenchError, name: str) -> None:
@@ -443,6 +500,57 @@ def test_bad_input_errors_name_the_file(tmp_path):
         _one_line(e.value, "empty")
 
 
+_WRITERS = {
+    "dou": (lambda r, img, truth: write_dou(r, {"01": (img, LPS, C1)}), "nii/01.nii"),
+    "valdo": (lambda r, img, truth: write_valdo(r, {"sub-101": (img, LAS, truth)}),
+              "sub-101_space-T2S_desc-masked_T2S.nii.gz"),
+    "momeni": (lambda r, img, truth: write_momeni(r, {"P1_a": (img, LPS, C1)}),
+               "rCMB_DefiniteSubject/P1_a.nii.gz"),
+    "yonsei": (lambda r, img, truth: write_yonsei(r, {"S01": (img, LAS, C1)}), "HR/S01.nii.gz"),
+    "bids": (lambda r, img, truth: write_bids(r, {"sub-01": (img, LPS, truth)}),
+             "sub-01_ses-1_SWI.nii.gz"),
+    "nnunet": (lambda r, img, truth: write_nnunet(r, {"case_001": (img, LAS, truth)}),
+               "imagesTr/case_001_0000.nii.gz"),
+}
+
+
+@pytest.mark.parametrize("loader", list(_WRITERS))
+def test_bad_image_files_name_the_file_for_every_loader(tmp_path, loader):
+    img, truth = brain(centres=C1, seed=85)
+    write, image_name = _WRITERS[loader]
+    c = card(loader.upper(), loader, location="none", loader_options={"variant": "real"})
+
+    def image_of(src: Path) -> Path:
+        found = [p for p in src.rglob("*") if p.as_posix().endswith(image_name)]
+        assert len(found) == 1
+        return found[0]
+
+    # corrupt NIfTI
+    src = write(tmp_path / "a", img, truth)
+    image_of(src).write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(UnreadableInputError, match="not a readable NIfTI") as e:
+        prepare(c, src, tmp_path / "oa")
+    _one_line(e.value, Path(image_name).name)
+    # 4D image where a 3D scan is expected
+    src = write(tmp_path / "b", img, truth)
+    save_nii(image_of(src), np.stack([img, img], -1), LPS)
+    with pytest.raises(InvalidValuesError, match="expected a 3D image") as e:
+        prepare(c, src, tmp_path / "ob")
+    _one_line(e.value, Path(image_name).name)
+    # image missing next to its label (BIDS then falls back to the T1w: not a CMB sequence)
+    src = write(tmp_path / "c", img, truth)
+    image_of(src).unlink()
+    if loader == "bids":
+        ds = prepare(c, src, tmp_path / "oc")
+        assert ds.scans["sequence"].iloc[0] == "unknown"
+    else:
+        with pytest.raises(MissingInputError) as e:
+            prepare(c, src, tmp_path / "oc")
+        _one_line(e.value, Path(image_name).stem.split(".")[0])
+    for out in ("oa", "ob", "oc"):  # no failed prepare leaves a folder that looks complete
+        assert loader == "bids" and out == "oc" or not (tmp_path / out / "dataset.json").exists()
+
+
 def test_half_prepared_is_never_complete_and_resumes(tmp_path, monkeypatch):
     img1, _ = brain(centres=C1, seed=90)
     img2, _ = brain(centres=C2, seed=91)
@@ -488,8 +596,8 @@ def test_verify_catches_tampering_and_bright_points(tmp_path):
     lab = ds.root / "labels/DOU-01.nii.gz"
     lab.write_bytes(lab.read_bytes()[:-4] + b"abcd")
     rep3 = verify_dataset(ds.root)
-    assert rep3.failures["checksums"] == ["labels/DOU-01.nii.gz: checksum differs from "
-                                          "dataset.json"]
+    assert rep3.failures["checksums"] == [("labels/DOU-01.nii.gz: checksum differs from "
+                                           "dataset.json")]
     assert any("DOU-01.nii.gz" in f for f in rep3.failures["affines"])
 
 
@@ -535,3 +643,64 @@ def test_cli_info_prepare_verify(tmp_path, monkeypatch):
     assert res.exit_code == 3 and "no dataset.json" in res.output
     res = runner.invoke(main, ["datasets", "prepare", "DOU", "--source", str(tmp_path / "nope")])
     assert res.exit_code == 3 and "raw dataset folder not found" in res.output
+
+
+def test_location_switched_off_by_the_card(tmp_path):
+    img, _ = brain(centres=C2, seed=130)
+    src = write_dou(tmp_path / "raw", {"01": (img, LPS, C2)})
+    ds = prepare(card("DOU", "dou", location="none"), src, tmp_path / "out")
+    assert ds.card["location_reason"] == LOCATION_REASON and ds.card["location_method"] is None
+    assert (ds.lesions["location"] == "unknown").all()
+    assert ds.scans["registration_dice"].isna().all()
+    with pytest.raises(CmbbenchError, match="location must be 'atlas' or 'none'"):
+        prepare(card("DOU", "dou", location="mni"), src, tmp_path / "out2")
+
+
+# ------------------------------------------------------------------ evaluate on DOU
+
+def test_evaluate_ours_on_a_prepared_dou_fixture(tmp_path, monkeypatch):
+    """`cmbbench evaluate --method ours --dataset DOU`: first without DOU (the error says how to
+    obtain and prepare it), then on a DOU-format fixture prepared with the CLI."""
+    home = tmp_path / "home"
+    monkeypatch.setenv("CMBBENCH_HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    runner = CliRunner()
+    args = ["evaluate", "--method", "ours", "--dataset", "DOU", "--no-store", "--n-boot", "20",
+            "--quiet", "--json"]
+    res = runner.invoke(main, args[:-1])  # as a user sees it: one line on stderr, exit code 3
+    assert res.exit_code == 3, res.output
+    err = res.output.strip()
+    assert err.startswith("cmbbench: error: ") and "\n" not in err
+    assert "dataset DOU is not prepared" in err
+    assert load_card("DOU")["url"] in err and "cmb-3dcnn-data" in err
+    assert "then run `cmbbench datasets prepare DOU --source RAW_DIR`" in err
+    res = runner.invoke(main, args)
+    assert res.exit_code == 3 and json.loads(res.output)["error"]["exit_code"] == 3
+    # a DOU-format fixture: 64 x 64 x 40 SWI-like scans, LPS and RAS, NaNs, 1-based cen
+    shape = (64, 64, 40)
+    cs = {"01": (LPS64 := affine_for((1.0, 1.0, 1.0), "LPS", shape), [(20, 30, 20), (40, 25, 15),
+                                                                     (32, 45, 25)]),
+          "02": (affine_for((1.0, 1.0, 1.0), "RAS", shape), [(25, 20, 18)])}
+    scans = {}
+    for n, (stem, (aff, centres)) in enumerate(cs.items()):
+        img, _ = brain(shape=shape, centres=centres, seed=200 + n)
+        img[:2, :2, :2] = np.nan
+        scans[stem] = (img, aff, centres)
+    src = write_dou(tmp_path / "raw", scans)
+    res = runner.invoke(main, ["datasets", "prepare", "DOU", "--source", str(src), "--quiet"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(main, args + ["--out", str(tmp_path / "run")])
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.output)
+    assert report["complete"] and report["dataset"]["name"] == "DOU"
+    assert report["scans"]["predicted"] == ["DOU-01", "DOU-02"]
+    agg = report["result"]["aggregates"]
+    assert agg["n_ref"] == 4 and agg["tp"] + agg["fn"] == 4 and agg["n_scans"] == 2
+    assert np.isfinite(agg["fp_per_scan"]) and 0.0 <= agg["recall_pooled"] <= 1.0
+    # the per-lesion table carries the prepared reference, world coordinates through the affine
+    table = pd.read_csv(tmp_path / "run" / "results" / "matches.csv")
+    ref = table[table["kind"] == "reference"].sort_values(["scan_id", "lesion_id"])
+    np.testing.assert_allclose(ref[["x_mm", "y_mm", "z_mm"]].to_numpy(),
+                               np.r_[world(LPS64, cs["01"][1]), world(cs["02"][0], cs["02"][1])],
+                               atol=1e-4)
+    assert (ref["mask_source"] == "derived").all()

@@ -75,11 +75,12 @@ def _curve_figure(curves: pd.DataFrame, labels: dict[str, str], kind: str, *,
     xt, yt = _AXES[kind]
     fig.update_layout(xaxis_title=xt, yaxis_title=yt, yaxis_range=[0, 1.02],
                       legend_title_text="method (tier)", margin={"t": 30, "b": 40},
-                      height=480)
+                      height=480, showlegend=True)
     if kind == "froc":
         if log_x:
             fig.update_xaxes(type="log", tickvals=list(FROC_FP_RATES),
-                             ticktext=[f"{r:g}" for r in FROC_FP_RATES])
+                             ticktext=[f"{r:g}" for r in FROC_FP_RATES],
+                             range=[np.log10(1 / 32), np.log10(16)])
         for r in FROC_FP_RATES:
             fig.add_vline(x=r, line_dash="dot", line_color="lightgrey")
     else:
@@ -116,7 +117,7 @@ def strata_figure(frame: pd.DataFrame, metric_label: str) -> go.Figure:
             error_y={"type": "data", "symmetric": False, "array": np.nan_to_num(err_hi),
                      "arrayminus": np.nan_to_num(err_lo)}))
     fig.update_layout(barmode="group", yaxis_title=metric_label, margin={"t": 30, "b": 40},
-                      legend_title_text="method (tier)", height=420)
+                      legend_title_text="method (tier)", height=420, showlegend=True)
     return fig
 
 
@@ -173,8 +174,9 @@ def save_strata_png(path: str | Path, frame: pd.DataFrame, metric_label: str, *,
         x = np.arange(len(values)) + n * width
         err = np.vstack([(g["value"] - g["ci_lower"]).to_numpy(np.float64),
                          (g["ci_upper"] - g["value"]).to_numpy(np.float64)])
-        ax.bar(x, g["value"].to_numpy(np.float64), width, label=_mpl_text(method),
-               yerr=np.nan_to_num(err), capsize=2)
+        # lists, not arrays: matplotlib 3.11 warns on a single bar with a (2, 1) error array
+        ax.bar(x.tolist(), g["value"].to_numpy(np.float64).tolist(), width,
+               label=_mpl_text(method), yerr=np.nan_to_num(err).tolist(), capsize=2)
     ax.set_xticks(np.arange(len(values)) + width * (len(methods) - 1) / 2,
                   [_mpl_text(v) for v in values], fontsize=8)
     ax.set_ylabel(metric_label)

@@ -18,7 +18,10 @@ import pandas as pd
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from ..errors import StoreError
 from ..metric_definitions import DEFINITIONS
+from ..store.engine import display_url as _display_url
+from ..store.engine import open_store, resolve_url, store_revision
 from ..store.schema import RANKED_TIERS, TIERS
 
 __all__ = [
@@ -57,16 +60,12 @@ class StoreUnavailable(RuntimeError):
 def store_url(db: str | None = None) -> str:
     """The store URL: ``db``, else ``$CMBBENCH_DB``, else ``$CMBBENCH_HOME/store.sqlite``
     (:func:`cmbbench.store.engine.resolve_url`, so the CLI, the store and the app agree)."""
-    from ..store.engine import resolve_url
-
     return resolve_url(db)
 
 
 def display_url(url: str) -> str:
     """``url`` as text with any password hidden."""
-    from ..store.engine import display_url as _display
-
-    return _display(url)
+    return _display_url(url)
 
 
 def connect(url: str) -> Engine:
@@ -80,9 +79,6 @@ def connect(url: str) -> Engine:
     StoreUnavailable
         The store does not exist, the URL is malformed or its driver is missing.
     """
-    from ..errors import StoreError
-    from ..store.engine import open_store
-
     try:
         return open_store(url, read_only=True)
     except StoreError as exc:
@@ -110,8 +106,6 @@ def revision(engine: Engine) -> str:
     The app keys its caches with (store URL, revision), so an import shows up on the next
     page load without restarting the app.
     """
-    from ..store.engine import store_revision
-
     try:
         return store_revision(engine)
     except sa.exc.OperationalError as exc:

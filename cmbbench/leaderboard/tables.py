@@ -297,8 +297,11 @@ def strata_frame(aggregates: pd.DataFrame, labels: dict[str, str], stratum: str,
     sel["method"] = sel["run_id"].map(labels)
     order = _value_order(stratum, list(sel["stratum_value"].unique()))
     sel["stratum_value"] = pd.Categorical(sel["stratum_value"], categories=order, ordered=True)
+    methods = list(dict.fromkeys(labels.values()))  # keep the caller's (rank) order
+    sel["method"] = pd.Categorical(sel["method"], categories=methods, ordered=True)
     sel = sel.sort_values(["stratum_value", "method"])
     sel["stratum_value"] = sel["stratum_value"].astype(str)
+    sel["method"] = sel["method"].astype(str)
     return sel[["run_id", "method", "stratum_value", "value", "ci_lower", "ci_upper",
                 "n_scans", "n_lesions"]].reset_index(drop=True)
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 import streamlit as st
+from sqlalchemy.engine import Engine
 
 from . import queries
 from .slices import SliceView, load_view
@@ -54,7 +55,7 @@ def db_url() -> str:
 
 
 @st.cache_resource(show_spinner=False)
-def _engine(url: str):
+def _engine(url: str) -> Engine:
     return queries.connect(url)
 
 
@@ -169,6 +170,15 @@ def _options(frame: pd.DataFrame, column: str) -> list[str]:
     return sorted(str(v) for v in frame[column].dropna().unique())
 
 
+def _select(label: str, options: list[str], key: str, preferred: str | None) -> None:
+    """A selectbox whose stale value (not among ``options``) is dropped; ``preferred`` is the
+    default when it is an option."""
+    if st.session_state.get(key) not in options:
+        st.session_state.pop(key, None)
+    index = options.index(preferred) if preferred in options else 0
+    st.selectbox(label, options, index=index, key=key)
+
+
 def sidebar() -> None:
     """The board selectors (dataset, rule, split) and the store line, on every page."""
     handle = store()
@@ -182,18 +192,19 @@ def sidebar() -> None:
         if runs.empty:
             st.caption("The store holds no runs yet.")
             return
-        st.selectbox("Dataset", _options(runs, "dataset_id"), key="board_dataset")
+        # default board: the one of the most recently imported ranked run
+        ranked_all = runs[runs["tier"].isin(queries.RANKED_TIERS)]
+        latest = ranked_all.sort_values("imported_at").iloc[-1] if len(ranked_all) else None
+        datasets = _options(runs, "dataset_id")
+        _select("Dataset", datasets, "board_dataset",
+                None if latest is None else latest["dataset_id"])
         ds = runs[runs["dataset_id"] == st.session_state["board_dataset"]]
         ranked = ds[ds["tier"].isin(queries.RANKED_TIERS)]
-        rules = _options(ranked if len(ranked) else ds, "rule_id")
-        if st.session_state.get("board_rule") not in rules:
-            st.session_state.pop("board_rule", None)
-        st.selectbox("Matching rule", rules, key="board_rule")
-        sel = ds[ds["rule_id"] == st.session_state["board_rule"]]
-        splits = _options(sel[sel["tier"].isin(queries.RANKED_TIERS)], "split") or ["all"]
-        if st.session_state.get("board_split") not in splits:
-            st.session_state.pop("board_split", None)
-        st.selectbox("Split", splits, key="board_split")
+        _select("Matching rule", _options(ranked if len(ranked) else ds, "rule_id"),
+                "board_rule", None if latest is None else latest["rule_id"])
+        sel = ranked[ranked["rule_id"] == st.session_state["board_rule"]]
+        _select("Split", _options(sel, "split") or ["all"], "board_split",
+                None if latest is None else latest["split"])
         st.caption(f"{len(runs)} runs in the store")
 
 

@@ -3,7 +3,9 @@
 One module per raw layout: :mod:`.dou`, :mod:`.valdo`, :mod:`.momeni` (MOMENI and sMOMENI),
 :mod:`.yonsei`, and two generic ones, :mod:`.bids` and :mod:`.nnunet`. :func:`prepare` (in
 :mod:`.base`) runs a card's loader resumably; :func:`verify_dataset` checks the result;
-:func:`dataset_statistics` summarises a dataset for the docs and the leaderboard.
+:func:`dataset_statistics` summarises a dataset for the docs and the leaderboard;
+:mod:`.location` gives each lesion its MARS location from the atlas registered to its scan
+(:mod:`cmbbench.registration`).
 """
 
 from __future__ import annotations
@@ -13,9 +15,20 @@ from .base import LOADERS, LOCATION_REASON, Loader, RawScan, RawScanRef, get_loa
 from .statistics import dataset_statistics, statistics_markdown
 from .verify import VerifyReport, verify_dataset
 
-__all__ = ["LOADERS", "LOCATION_REASON", "Loader", "RawScan", "RawScanRef", "get_loader",
-           "prepare", "dataset_statistics", "statistics_markdown", "VerifyReport",
-           "verify_dataset", "prepare_command"]
+__all__ = [
+    "LOADERS",
+    "LOCATION_REASON",
+    "Loader",
+    "RawScan",
+    "RawScanRef",
+    "VerifyReport",
+    "dataset_statistics",
+    "get_loader",
+    "prepare",
+    "prepare_command",
+    "statistics_markdown",
+    "verify_dataset",
+]
 
 
 def prepare_command(name: str) -> str:

@@ -71,8 +71,18 @@ from ..harmonize import (
 from ..model import LESION_COLUMNS, SCAN_COLUMNS, ScanInfo
 from ..nifti import Volume, write_volume
 
-__all__ = ["RawScanRef", "RawScan", "Loader", "prepare", "get_loader", "LOADERS",
-           "merge_duplicate_points", "patient_split", "LOCATION_REASON", "shard_dir"]
+__all__ = [
+    "LOADERS",
+    "LOCATION_REASON",
+    "Loader",
+    "RawScan",
+    "RawScanRef",
+    "get_loader",
+    "merge_duplicate_points",
+    "patient_split",
+    "prepare",
+    "shard_dir",
+]
 
 log = logging.getLogger(__name__)
 
@@ -423,9 +433,14 @@ def _locate_enabled(card: dict, locate: bool | None) -> bool:
 def _location_record(locate: bool) -> dict | None:
     if not locate:
         return None
+    from ..errors import CmbbenchError
     from .location import location_method
 
-    return location_method()
+    try:  # loads the bundled atlas: fail before any scan, with the way out
+        return location_method()
+    except CmbbenchError as exc:
+        raise ConfigurationError(f"MARS locations need the bundled atlas ({exc.problem}); "
+                                 f"install it, or prepare with --no-location") from None
 
 
 def _record(card: dict, loader: Loader, locate: bool) -> dict:
@@ -612,7 +627,7 @@ def read_workbook_rows(path: Path) -> list[list[object]]:
         ws = wb.worksheets[0]
         rows = [list(r) for r in ws.iter_rows(values_only=True)]
         wb.close()
-    except Exception as exc:  # openpyxl raises zipfile/KeyError/InvalidFileException
+    except Exception as exc:  # noqa: BLE001 - openpyxl raises zipfile/KeyError/Invalid...
         raise UnreadableInputError(f"not a readable .xlsx workbook ({type(exc).__name__})",
                                    path) from None
     # drop fully empty rows

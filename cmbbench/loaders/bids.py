@@ -8,13 +8,15 @@ Layout::
 The label may sit in the raw tree or in ``derivatives/<pipeline>/``. Its image is the NIfTI in
 the matching ``sub-*/[ses-*/]anat`` folder of the raw tree whose name starts with the label's
 entities before ``_label-CMB`` and carries no ``label-`` entity; when several match, the first
-suffix of ``loader_options.image_suffixes`` (default ``SWI, swi, T2starw, T2star, GRE``) wins.
+suffix of ``loader_options.image_suffixes`` (default ``SWI, swi, T2starw, T2star, GRE``) wins;
+with none of those, the first other image is taken with a warning (``sequence = unknown``).
 Labels: a binary mask (any dtype; split into 26-connected instances) or, when it holds more than
 one positive value, an instance map (``mask_source = rater``).
 """
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 
@@ -25,6 +27,7 @@ from ..nifti import read_volume, strip_nifti_suffix
 from .base import RawScan, RawScanRef, check_label_volume, register, safe_id
 
 DEFAULT_SUFFIXES = ("SWI", "swi", "T2starw", "T2star", "GRE")
+log = logging.getLogger(__name__)
 _SUBSES = re.compile(r"(sub-[A-Za-z0-9]+)(?:_(ses-[A-Za-z0-9]+))?")
 
 
@@ -65,10 +68,13 @@ class BidsLoader:
                 suf = strip_nifti_suffix(p.name).rsplit("_", 1)[-1]
                 return (suffixes.index(suf) if suf in suffixes else len(suffixes), p.name)
 
-            img = sorted(set(cands), key=rank)[0]
+            img = min(set(cands), key=rank)
             suf = strip_nifti_suffix(img.name).rsplit("_", 1)[-1]
             seq = "SWI" if suf.lower() == "swi" else ("T2S" if suf.lower().startswith(
                 ("t2star", "gre")) else "unknown")
+            if suf not in suffixes:
+                log.warning("%s: no image with suffix %s; using %s (sequence unknown)",
+                            lab, "/".join(suffixes), img.name)
             refs.append(RawScanRef(scan_id=safe_id(prefix), subject_id=sub, image_path=img,
                                    label_path=lab, info={"sequence": seq}))
         return refs

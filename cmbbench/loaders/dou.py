@@ -49,7 +49,7 @@ def read_dou_mat(path: Path) -> np.ndarray:
     except (ValueError, OSError, TypeError, KeyError, IndexError) as exc:
         raise UnreadableInputError(f"not a readable MATLAB .mat file "
                                    f"({' '.join(str(exc).split())[:120]})", path) from None
-    except Exception as exc:  # scipy raises assorted errors on corrupt streams
+    except Exception as exc:  # noqa: BLE001 - scipy raises assorted errors on corrupt streams
         raise UnreadableInputError(f"not a readable MATLAB .mat file ({type(exc).__name__})",
                                    path) from None
     if "cen" not in mat:

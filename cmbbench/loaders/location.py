@@ -27,8 +27,14 @@ from ..geometry import voxel_sizes
 from ..registration import AtlasRegistration, RegistrationConfig, register_atlas
 from ..synth import anatomy
 
-__all__ = ["SNAP_MM", "ScanLocations", "locate_lesions", "mars_at", "location_method",
-           "LOCATION_SOURCE_ATLAS"]
+__all__ = [
+    "LOCATION_SOURCE_ATLAS",
+    "SNAP_MM",
+    "ScanLocations",
+    "locate_lesions",
+    "location_method",
+    "mars_at",
+]
 
 log = logging.getLogger(__name__)
 
@@ -156,8 +162,8 @@ def location_method(config: RegistrationConfig | None = None,
     atlas = atlas or anatomy.load_atlas()
     return {"method": "MARS class of the atlas registered to each scan",
             "registration": cfg.describe(), "atlas": atlas.source, "snap_mm": snap_mm,
-            "mars_rule": "cmbbench.synth.anatomy.mars_map (deep: basal ganglia, thalamus, "
-                         "internal/external capsule region, corpus callosum, cerebral WM > 10 mm "
-                         "from cortex or within 5 mm of the lateral ventricles; infratentorial: "
-                         "brainstem, cerebellum; lobar: cortex, hippocampus, amygdala, "
-                         "juxtacortical WM)"}
+            "mars_rule": "cmbbench.synth.anatomy.mars_map (deep: caudate, putamen, pallidum, "
+                         "accumbens, thalamus, ventral DC, corpus callosum, optic chiasm, "
+                         "cerebral WM > 10 mm from cortex or within 5 mm of the lateral "
+                         "ventricles; infratentorial: brainstem, cerebellum; lobar: cortex, "
+                         "hippocampus, amygdala, the remaining juxtacortical WM)"}

@@ -88,9 +88,8 @@ class MomeniLoader:
         prefix = str(options.get("scan_prefix", "MOMENI" if variant == "real" else "sMOMENI"))
         folders = [(root / d, None if w is None else root / w) for d, w in VARIANTS[variant]]
         if not any(d.is_dir() for d, _ in folders):
-            raise MissingInputError(
-                "unknown layout for MOMENI: expected " + " and ".join(d for d, _ in VARIANTS[variant]),
-                source)
+            expected = " and ".join(d for d, _ in VARIANTS[variant])
+            raise MissingInputError(f"unknown layout for MOMENI: expected {expected}", source)
         refs = []
         for folder, book in folders:
             if not folder.is_dir():

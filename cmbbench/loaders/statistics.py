@@ -4,6 +4,7 @@ and the leaderboard: :func:`dataset_statistics` returns plain JSON-able data,
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -12,7 +13,7 @@ import pandas as pd
 from ..dataset import HarmonizedDataset
 from ..model import LOCATIONS
 
-__all__ = ["dataset_statistics", "statistics_markdown", "DIAMETER_BINS_MM"]
+__all__ = ["DIAMETER_BINS_MM", "dataset_statistics", "statistics_markdown"]
 
 #: Apparent-diameter bins (mm, left-closed) of the size distribution.
 DIAMETER_BINS_MM: tuple[float, ...] = (0.0, 2.0, 3.0, 5.0, 10.0, math.inf)
@@ -62,7 +63,7 @@ def dataset_statistics(ds: HarmonizedDataset) -> dict:
                       axis=1) if len(scans) else pd.Series([], dtype=str)
     diam = pd.to_numeric(lesions.get("diameter_mm", pd.Series([], dtype=float)), errors="coerce")
     hist = {}
-    for lo, hi in zip(DIAMETER_BINS_MM[:-1], DIAMETER_BINS_MM[1:]):
+    for lo, hi in itertools.pairwise(DIAMETER_BINS_MM):
         label = f"[{lo:g}, {hi:g})" if math.isfinite(hi) else f">= {lo:g}"
         hist[label] = int(((diam >= lo) & (diam < hi)).sum())
     hist["unknown"] = int(diam.isna().sum())

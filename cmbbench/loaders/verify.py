@@ -35,7 +35,7 @@ from ..errors import MissingInputError
 from ..geometry import affines_match, voxel_sizes, voxel_to_world
 from ..nifti import read_volume
 
-__all__ = ["VerifyReport", "verify_dataset", "dark_and_inside", "DARK_CONTRAST"]
+__all__ = ["DARK_CONTRAST", "VerifyReport", "dark_and_inside", "verify_dataset"]
 
 #: A lesion is "at a dark voxel" when the darkest voxel of its 3x3x3 neighbourhood is at least
 #: this fraction below the median of the foreground voxels 3-5 mm away.

@@ -15,7 +15,6 @@ import logging
 import math
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -27,20 +26,20 @@ from .strata import size_bin, stratum_aggregates, thickness_bin
 
 __all__ = [
     "RunBundle",
-    "make_run_id",
-    "method_id",
-    "dataset_id",
-    "store_metric_name",
     "clean_value",
-    "records",
-    "method_row",
-    "dataset_rows",
-    "scan_metric_rows",
-    "match_rows",
-    "overall_aggregate_rows",
-    "stratum_rows",
     "curve_rows",
+    "dataset_id",
+    "dataset_rows",
     "first_url",
+    "make_run_id",
+    "match_rows",
+    "method_id",
+    "method_row",
+    "overall_aggregate_rows",
+    "records",
+    "scan_metric_rows",
+    "store_metric_name",
+    "stratum_rows",
 ]
 
 log = logging.getLogger(__name__)
@@ -111,7 +110,7 @@ def records(frame: pd.DataFrame, columns: list[str]) -> list[dict]:
 def make_run_id(method_id: str, dataset_id: str, rule_id: str, split: str, source: str) -> str:
     """Stable run id: sha1 of method, dataset, rule, split and the run's source (its run
     directory, the submission's checksum, or the paper's citation), 16 hex digits."""
-    text = "\x1f".join([method_id, dataset_id, rule_id, split, source])
+    text = f"{method_id}\x1f{dataset_id}\x1f{rule_id}\x1f{split}\x1f{source}"
     return hashlib.sha1(text.encode("utf-8")).hexdigest()[:16]
 
 
@@ -215,7 +214,7 @@ def dataset_rows(ds: HarmonizedDataset, *, path: str | None) -> tuple[dict, list
                                 les["size_bin"].value_counts().items()} if len(les) else {},
         "scans_by_sequence": ({str(k): int(v) for k, v in sc["sequence"].value_counts().items()}
                               if "sequence" in sc.columns else {}),
-        "n_mimics": 0 if ds.mimics is None else int(len(ds.mimics)),
+        "n_mimics": 0 if ds.mimics is None else len(ds.mimics),
     }
     drow = {"dataset_id": did, "name": ds.name, "version": version, "n_scans": len(sc),
             "n_cmb": len(les), "synthetic": bool(synthetic), "card_json": _safe_json(card),
@@ -334,9 +333,11 @@ def match_rows(run_id: str, table: pd.DataFrame, *, affines: dict[str, np.ndarra
     m = m.sort_values(["scan_id", "_o", "lesion_id", "candidate_id"], kind="stable",
                       ignore_index=True)
     ijk = np.full((len(m), 3), np.nan)
-    for sid, idx in m.groupby("scan_id").groups.items():
-        pts = m.loc[idx, ["x_mm", "y_mm", "z_mm"]].to_numpy(np.float64)
-        ijk[np.asarray(idx, dtype=np.int64)] = _voxels(pts, affines.get(sid))
+    xyz = m[["x_mm", "y_mm", "z_mm"]].to_numpy(np.float64)
+    if affines:
+        for sid, idx in m.groupby("scan_id").indices.items():
+            if sid in affines:
+                ijk[idx] = _voxels(xyz[idx], affines[sid])
     m["i"], m["j"], m["k"] = ijk[:, 0], ijk[:, 1], ijk[:, 2]
     m["run_id"] = run_id
     m["row"] = np.arange(len(m))

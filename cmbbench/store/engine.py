@@ -30,14 +30,14 @@ from . import schema
 
 __all__ = [
     "DEFAULT_BUSY_TIMEOUT_S",
-    "resolve_url",
     "display_url",
-    "open_store",
-    "writer_engine",
-    "write_transaction",
     "ensure_schema",
-    "store_revision",
     "now_iso",
+    "open_store",
+    "resolve_url",
+    "store_revision",
+    "write_transaction",
+    "writer_engine",
 ]
 
 log = logging.getLogger(__name__)
@@ -124,7 +124,7 @@ def writer_engine(db: str | None = None, *,
 
 def _sqlite_writer_events(engine: Engine, busy_timeout_s: float) -> None:
     @sa.event.listens_for(engine, "connect")
-    def _connect(dbapi_conn, _record) -> None:  # noqa: ANN001 - DBAPI connection
+    def _connect(dbapi_conn, _record) -> None:
         # Transactions are begun explicitly (BEGIN IMMEDIATE below), not by the driver.
         dbapi_conn.isolation_level = None
         cur = dbapi_conn.cursor()
@@ -173,13 +173,16 @@ def open_store(db: str | None = None, *, read_only: bool = True,
             raise StoreError(f"no database driver for {backend} ({exc})") from None
     if read_only:
         @sa.event.listens_for(engine, "connect")
-        def _ro(dbapi_conn, _record) -> None:  # noqa: ANN001 - DBAPI connection
+        def _ro(dbapi_conn, _record) -> None:
             cur = dbapi_conn.cursor()
             if backend == "sqlite":
                 cur.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
                 cur.execute("PRAGMA query_only = ON")
             elif backend == "postgresql":
                 cur.execute("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY")
+                cur.close()
+                dbapi_conn.commit()  # SET is transactional: a rollback would undo it
+                return
             cur.close()
     return engine
 

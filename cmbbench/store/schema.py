@@ -10,24 +10,24 @@ from __future__ import annotations
 import sqlalchemy as sa
 
 __all__ = [
-    "SCHEMA_VERSION",
-    "TIERS",
-    "RANKED_TIERS",
     "MATCH_KINDS",
-    "metadata",
-    "meta",
-    "methods",
-    "datasets",
-    "scans",
-    "lesions",
-    "runs",
-    "scan_metrics",
-    "matches",
+    "RANKED_TIERS",
+    "RUN_CHILD_TABLES",
+    "SCHEMA_VERSION",
+    "TABLE_ORDER",
+    "TIERS",
     "aggregates",
     "curves",
+    "datasets",
+    "lesions",
+    "matches",
+    "meta",
+    "metadata",
+    "methods",
     "reported",
-    "RUN_CHILD_TABLES",
-    "TABLE_ORDER",
+    "runs",
+    "scan_metrics",
+    "scans",
 ]
 
 #: Version of this schema, recorded in the ``meta`` table (key ``schema_version``).

@@ -21,6 +21,7 @@ Strata (``aggregates.stratum``):
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,13 +30,20 @@ import pandas as pd
 from ..metrics import SIZE_BINS_MM, f1_from_counts, safe_div
 from ..statistics import bootstrap_weights, percentile_interval
 
-__all__ = ["SIZE_BIN_LABELS", "THICKNESS_BIN_LABELS", "StratumValue", "size_bin",
-           "thickness_bin", "stratum_aggregates", "SCAN_STRATA"]
+__all__ = [
+    "SCAN_STRATA",
+    "SIZE_BIN_LABELS",
+    "THICKNESS_BIN_LABELS",
+    "StratumValue",
+    "size_bin",
+    "stratum_aggregates",
+    "thickness_bin",
+]
 
 
 def _bin_labels(edges: tuple[float, ...], unit: str) -> list[str]:
     out = []
-    for lo, hi in zip(edges[:-1], edges[1:]):
+    for lo, hi in itertools.pairwise(edges):
         out.append(f">={lo:g} {unit}" if np.isinf(hi) else f"[{lo:g}, {hi:g}) {unit}")
     return out
 

@@ -18,7 +18,7 @@ from . import schema
 from .bundle import RunBundle
 from .engine import ensure_schema, now_iso, set_meta, write_transaction
 
-__all__ = ["write_bundle", "write_bundles", "delete_run", "init_schema"]
+__all__ = ["delete_run", "init_schema", "write_bundle", "write_bundles"]
 
 log = logging.getLogger(__name__)
 
