@@ -471,8 +471,9 @@ def ndimage_com(mask: np.ndarray) -> tuple[float, float, float]:
 
 
 def load_scans(ref: object, prepare: Callable[[np.ndarray, np.ndarray], tuple],
-               *, want_labels: bool = False, pool_size: int = 50_000,
-               say: Callable[[str], None] = log.info) -> list[TrainScan]:
+               *, want_labels: bool = False, for_scoring: bool = False,
+               pool_size: int = 50_000, say: Callable[[str], None] = log.info
+               ) -> list[TrainScan]:
     """Read and prepare the scans of a :class:`cmbbench.methods.ours.train.DataRef`.
 
     Parameters
@@ -484,6 +485,9 @@ def load_scans(ref: object, prepare: Callable[[np.ndarray, np.ndarray], tuple],
         preparation, identical to what its ``predict`` does).
     want_labels
         Also resample the instance label maps to the working grid.
+    for_scoring
+        Keep the native label maps (validation scans scored with cmbbench's matching); the
+        default drops them to save memory.
     """
     from cmbbench.nifti import read_volume
 
@@ -502,11 +506,12 @@ def load_scans(ref: object, prepare: Callable[[np.ndarray, np.ndarray], tuple],
             labels = (labels_to_work(grid, labels_native) if labels_native is not None
                       else np.zeros(grid.work_shape, np.int16))
         pool = np.argwhere(mask)
-        if len(pool) > pool_size:
-            pool = pool[:: len(pool) // pool_size]
+        if len(pool) > pool_size:  # a copy, so that the full list is freed
+            pool = pool[:: len(pool) // pool_size].copy()
         scans.append(TrainScan(sid, grid, image, mask, centres, labels,
                                ValScan(sid, lz, tuple(vol.data.shape[:3]), vol.affine,
-                                       labels_native, str(seq)), pool))
+                                       labels_native if for_scoring else None, str(seq)),
+                               pool))
     say(f"prepared {len(scans)} scan(s) of {ref.name} in {time.perf_counter() - t0:.0f} s")
     return scans
 

@@ -214,7 +214,7 @@ def train(recipe: str | Path | dict, *, out: str | Path | None = None,
         return prepare_image(image, spacing, rule)
 
     train_scans = load_scans(tr_ref, prep, say=say)
-    val_scans = load_scans(va_ref, prep, say=say)
+    val_scans = load_scans(va_ref, prep, for_scoring=True, say=say)
     rng = np.random.default_rng(seed)
     sampler = _Sampler(train_scans, rng)
     if not sampler.cmbs:

@@ -191,7 +191,7 @@ def train(recipe: str | Path | dict, *, out: str | Path | None = None,
         return prepare_channels(image, spacing, rule, prep_cfg)
 
     train_scans = load_scans(tr_ref, prep, want_labels=True, say=say)
-    val_scans = load_scans(va_ref, prep, want_labels=False, say=say)
+    val_scans = load_scans(va_ref, prep, for_scoring=True, say=say)
     rng = np.random.default_rng(seed)
     sampler = _Sampler(train_scans, rng)
     if not sampler.cmbs:

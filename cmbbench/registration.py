@@ -11,8 +11,9 @@ contrast of either sign), so the similarity does not compare intensities with th
   shell of :attr:`RegistrationConfig.shell_mm` outside the brain): a good fit makes the
   intensities homogeneous within each class, whatever their order;
 - plus a **soft Dice** between the atlas brain (1 inside, 0 in the shell) and the scan's
-  foreground mask (:func:`foreground_mask`, trilinearly interpolated), which pulls the outline
-  into place from a distance.
+  foreground mask (:func:`foreground_mask` on the image block-averaged to about
+  :attr:`RegistrationConfig.mask_mm`, carried to each level as a voxel fraction and
+  trilinearly interpolated), which pulls the outline into place from a distance.
 
 Both are evaluated at atlas sample points on a regular grid (every ``level_mm`` mm inside the
 brain and the shell) mapped into a block-averaged copy of the scan (about ``level_mm`` voxels);

@@ -306,7 +306,7 @@ def test_kd_loss_matches_hand_computation():
     t2 = t.clone().requires_grad_(True)
     kd_loss(s2, t2, y).backward()
     assert t2.grad is None and s2.grad is not None
-    assert float(kd_loss(s, s, y, alpha=1.0)) == pytest.approx(0.0, abs=1e-7)
+    assert float(kd_loss(s, s, y, alpha=1.0)) == pytest.approx(0.0, abs=1e-5)
 
 
 def test_voxel_weights_and_seg_loss():

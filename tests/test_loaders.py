@@ -639,6 +639,14 @@ def test_cli_info_prepare_verify(tmp_path, monkeypatch):
     res = runner.invoke(main, ["datasets", "verify", "VALDO", "--json"])
     assert res.exit_code == 0, res.output
     assert json.loads(res.output)["ok"] is True
+    res = runner.invoke(main, ["datasets", "stats", "VALDO"])  # the statistics page
+    assert res.exit_code == 0 and "- CMBs: 3;" in res.output and "| MARS location | n |" in res.output
+    res = runner.invoke(main, ["datasets", "stats", "VALDO", "--json"])
+    st = json.loads(res.output)
+    assert st["n_cmb"] == 3 and st["locations"]["unknown"] == 3
+    assert st["location_sources"] == {"unknown": 1}
+    res = runner.invoke(main, ["datasets", "stats", "DOU"])
+    assert res.exit_code == 3 and "datasets prepare DOU --source RAW_DIR" in res.output
     res = runner.invoke(main, ["datasets", "verify", "DOU"])
     assert res.exit_code == 3 and "no dataset.json" in res.output
     res = runner.invoke(main, ["datasets", "prepare", "DOU", "--source", str(tmp_path / "nope")])
