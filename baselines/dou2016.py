@@ -44,6 +44,7 @@ negatives of stage 2, trained on 20 x 20 x 16 patches; model selection on SYNTH-
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Sequence
@@ -68,9 +69,11 @@ __all__ = [
     "DEFAULT_CHECKPOINT",
     "DOU_GRID_MM",
     "Dou2016",
+    "checkpoint_summary",
     "merge_close",
     "mine_hard_negatives",
     "prepare_image",
+    "screening_box",
     "screening_candidates",
     "split_stage1",
 ]
@@ -153,6 +156,22 @@ def screening_candidates(score_map: np.ndarray, *, threshold: float = 0.64,
         centres, scores = centres[keep], scores[keep]
     order = np.argsort(-scores, kind="stable")[:max_candidates]
     return centres[order], scores[order].astype(np.float32)
+
+
+def screening_box(mask: np.ndarray) -> tuple[np.ndarray, tuple[slice, slice, slice]]:
+    """The box stage 1 is run on: the mask's bounding box widened by half a screening patch
+    (so that border voxels can be patch centres), starting on an even voxel.
+
+    Returns
+    -------
+    start, box
+        Start voxel of the box and the box as slices of the working grid.
+    """
+    idx = np.argwhere(mask)
+    lo = np.maximum(idx.min(axis=0) - np.array((8, 8, 5)), 0)
+    lo -= lo % 2
+    hi = np.minimum(idx.max(axis=0) + np.array((9, 9, 6)), mask.shape)
+    return lo, tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
 
 
 def split_stage1(centres: np.ndarray, references: np.ndarray, spacing_mm: Sequence[float], *,
@@ -238,6 +257,22 @@ def merge_close(centres: np.ndarray, scores: np.ndarray, spacing_mm: Sequence[fl
         d = np.sqrt(((pos - pos[n]) ** 2).sum(axis=1))
         alive &= d >= merge_vox
     return np.asarray(kept, dtype=np.int64)
+
+
+def checkpoint_summary(path: Path) -> dict:
+    """What the JSON record beside a checkpoint says (no torch, nothing verified): sha256,
+    recipe, training time and validation metrics; ``{}`` when there is no record."""
+    meta_path = Path(path).with_suffix(".json")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return {"file": str(path), "sha256": meta.get("sha256"),
+            "recipe": (meta.get("recipe") or {}).get("name"),
+            "command": meta.get("command"), "training_seconds": meta.get("training_seconds"),
+            "datasets": {k: f"{v.get('name')} v{v.get('version')} ({len(v.get('scan_ids', []))}"
+                            " scans)" for k, v in (meta.get("datasets") or {}).items()},
+            "val": meta.get("val")}
 
 
 def _grid_rule(config: dict) -> GridRule:
@@ -372,12 +407,7 @@ class Dou2016(Method):
         self.load()
         if not mask.any():
             return np.zeros((0, 3), np.int64), np.zeros(0, np.float32), np.zeros(0, np.float32)
-        # the mask's bounding box, widened so that border voxels can be patch centres
-        idx = np.argwhere(mask)
-        lo = np.maximum(idx.min(axis=0) - np.array((8, 8, 5)), 0)
-        lo -= lo % 2  # keep the score map's stride-2 phase
-        hi = np.minimum(idx.max(axis=0) + np.array((9, 9, 6)), norm.shape)
-        box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+        lo, box = screening_box(mask)
         smap = screen_volume(self.screen, norm[box])
         centres, s1 = screening_candidates(smap, threshold=self.threshold, mask=mask[box],
                                            max_candidates=self.max_candidates)
@@ -412,7 +442,7 @@ class Dou2016(Method):
         out = super().info()
         out["resolution_rule"] = GridRule((0.9, 0.9, 2.0), 1.25).describe() + (
             " (reference grid of the shipped checkpoint; a checkpoint records its own)")
-        out["default_checkpoint"] = str(DEFAULT_CHECKPOINT)
+        out["checkpoint"] = checkpoint_summary(self.checkpoint)
         return out
 
     @classmethod

@@ -56,6 +56,7 @@ from .dou2016 import (
     merge_close,
     mine_hard_negatives,
     prepare_image,
+    screening_box,
     screening_candidates,
     split_stage1,
 )
@@ -145,11 +146,7 @@ def _balanced_ce(logits: torch.Tensor, y: torch.Tensor) -> float:
 def _screen_scan(net: ScreeningFCN, scan: TrainScan) -> tuple[np.ndarray, np.ndarray, tuple]:
     """Stage-1 score map of a prepared scan over its mask's bounding box (as in predict):
     the map, the box's start voxel and the box."""
-    idx = np.argwhere(scan.mask)
-    lo = np.maximum(idx.min(axis=0) - np.array((8, 8, 5)), 0)
-    lo -= lo % 2
-    hi = np.minimum(idx.max(axis=0) + np.array((9, 9, 6)), scan.mask.shape)
-    box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+    lo, box = screening_box(scan.mask)
     return screen_volume(net, scan.image[box]), lo, box
 
 

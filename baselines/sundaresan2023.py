@@ -46,6 +46,7 @@ from scipy import ndimage
 
 from cmbbench.methods.api import Method, Prediction, Requirements, ScanInput
 
+from .dou2016 import checkpoint_summary
 from .grid import GridRule, WorkGrid
 from .log import candidate_table, probability_from_labels
 from .sundaresan2023_prep import PrepConfig, cleanup_components, prepare_channels
@@ -216,7 +217,9 @@ class Sundaresan2023(Method):
     limitations = (
         "Retrained here on synthetic CMBs only (SYNTH-train), for minutes on 2 shared CPU "
         "cores, with narrower layers than the paper (encoder 8/16/32 instead of 64/128/256; "
-        "classification head FC 64 -> 32 instead of 1024 -> 128 -> 32), so it reproduces the "
+        "classification head FC 64 -> 32 instead of 1024 -> 128 -> 32), CDetNet trained on 32^3 "
+        "crops with batch 4 and Adam 3e-3 (paper: 48^3, batch 8, 1e-3; inference still tiles "
+        "48^3), teacher and student initialised from CDetNet's weights, so it reproduces the "
         "method, not its published performance. Details marked unverified in our notes and "
         "chosen here: the Frangi parameters (the original's alpha 0.9 / beta 20 could not be "
         "mapped to skimage's filter; we use beta 0.5 and a fixed gamma 0.15 on the relative "
@@ -331,7 +334,7 @@ class Sundaresan2023(Method):
         out = super().info()
         out["resolution_rule"] = GridRule((0.9, 0.9, 2.0), 1.25).describe() + (
             " (reference grid of the shipped checkpoint; a checkpoint records its own)")
-        out["default_checkpoint"] = str(DEFAULT_CHECKPOINT)
+        out["checkpoint"] = checkpoint_summary(self.checkpoint)
         return out
 
     @classmethod

@@ -8,19 +8,22 @@ Steps (each resumable; output folder default ``runs/train/<recipe name>``):
    <cmbbench_baselines.sundaresan2023.Sundaresan2023.predict>` prepares them (working grid,
    vessel inpainting, inverted image + FRST channels), instance labels resampled to the
    working grid (no CMB lost).
-2. **CDetNet** (``cdet``): 48^3 two-channel patches, a share ``pos_fraction`` containing a
+2. **CDetNet** (``cdet``): two-channel training crops of ``patch`` voxels (48 in the paper;
+   the network is fully convolutional and always applied to 48^3 patches), a share ``pos_fraction`` containing a
    reference CMB (centred on it with jitter up to ``jitter`` voxels), the rest around random
    brain voxels; flips, in-plane 90 degree rotations, intensity jitter on channel 0; loss
-   :func:`~cmbbench_baselines.sundaresan2023_nets.seg_loss`. Model selection: CPM of the
+   :func:`~cmbbench_baselines.sundaresan2023_nets.seg_loss` with voxel-weight gain
+   ``weight_gain``. Model selection: CPM of the
    candidates (components of P > 0.2 scored by their peak) on the validation scans.
 3. **Mining**: CDetNet over up to ``mining.scans`` training scans; components whose centroid
    has no reference CMB within 5 mm are the hard negatives, the others hits; the same once on
    the validation scans, with the clean-up applied, for the next two stages' model selection.
-4. **Teacher** (``teacher``): 24^3 patches; positives at reference CMBs (jittered) or hits,
+4. **Teacher** (``teacher``): optionally (``init_from_cdet``) initialised with CDetNet's
+   encoder-decoder weights; 24^3 patches; positives at reference CMBs (jittered) or hits,
    negatives mostly hard negatives (``hard_fraction``), the rest random; loss seg_loss (the
    patch's CMB mask) + cross-entropy of the class. Model selection: CPM of the cascade with the
    teacher's class probability as the score.
-5. **Student** (``student``): same patches; loss
+5. **Student** (``student``): optionally initialised with CDetNet's encoder; same patches; loss
    :func:`~cmbbench_baselines.sundaresan2023_nets.kd_loss` against the frozen teacher (T = 4,
    alpha = 0.4). Model selection: CPM with the student.
 6. The bundle ``<name>.pt`` (cdet, teacher, student) + ``<name>.json`` (recipe, datasets with
@@ -111,14 +114,14 @@ class _Sampler:
         p = augment_patch(crop(both, c, (size,) * 3, 0.0), rng)
         return p[:-1], (p[-1] > 0.5).astype(np.int64), y
 
-    def batch(self, size: int, n: int, **kw: float
+    def batch(self, size: int, n: int, *, gain: float = 5.0, **kw: float
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         xs, ts, ws, ys = [], [], [], []
         for _ in range(n):
             x, t, y = self.draw(size, **kw)
             xs.append(x)
             ts.append(t)
-            ws.append(voxel_weights(t))
+            ws.append(voxel_weights(t, gain=gain))
             ys.append(y)
         return (torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ts)),
                 torch.from_numpy(np.stack(ws)), torch.tensor(ys, dtype=torch.long))
@@ -215,7 +218,9 @@ def train(recipe: str | Path | dict, *, out: str | Path | None = None,
     opt = adam(cdet, c_cfg)
 
     def step_cdet(_: int) -> float:
-        x, t, w, _y = sampler.batch(DETECT_PATCH, int(c_cfg.get("batch", 4)),
+        x, t, w, _y = sampler.batch(int(c_cfg.get("patch", DETECT_PATCH)),
+                                    int(c_cfg.get("batch", 4)),
+                                    gain=float(c_cfg.get("weight_gain", 5.0)),
                                     pos_fraction=float(c_cfg.get("pos_fraction", 0.5)),
                                     jitter=float(c_cfg.get("jitter", 12.0)))
         loss = seg_loss(cdet(x), t, w)
@@ -276,11 +281,17 @@ def train(recipe: str | Path | dict, *, out: str | Path | None = None,
     # ---- teacher --------------------------------------------------------------------------
     teacher = TeacherNet(**config["teacher"])
     config["teacher"] = teacher.config
+    init_from_cdet = bool(rec.get("init_from_cdet", False))
+    if init_from_cdet and teacher.config["widths"] == cdet.config["widths"]:
+        # the teacher is CDetNet's encoder-decoder plus a head: start from CDetNet's weights
+        teacher.encoder.load_state_dict(cdet.encoder.state_dict())
+        teacher.decoder.load_state_dict(cdet.decoder.state_dict())
     t_cfg = st["teacher_stage"]
     opt_t = adam(teacher, t_cfg)
 
     def step_teacher(_: int) -> float:
         x, t, w, y = sampler.batch(CLASSIFY_PATCH, int(t_cfg.get("batch", 16)),
+                                   gain=float(t_cfg.get("weight_gain", 5.0)),
                                    **draw_kw(t_cfg))
         seg, cls = teacher(x)
         loss = seg_loss(seg, t, w) + F.cross_entropy(cls, y)
@@ -295,6 +306,8 @@ def train(recipe: str | Path | dict, *, out: str | Path | None = None,
     # ---- student (knowledge distillation) -------------------------------------------------
     student = StudentNet(**config["student"])
     config["student"] = student.config
+    if init_from_cdet and student.config["widths"] == cdet.config["widths"]:
+        student.encoder.load_state_dict(cdet.encoder.state_dict())
     s_cfg = st["student_stage"]
     opt_s = adam(student, s_cfg)
     teacher.eval()

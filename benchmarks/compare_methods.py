@@ -1,7 +1,8 @@
 """Compare methods on one dataset: the table of docs/methods.md, re-runnable by any reader.
 
-    python benchmarks/compare_methods.py --dataset SYNTH-test --methods log bian2013 \
-        [--runs runs/] [--backend local --workers 2] [--markdown docs/methods_table.md]
+    python benchmarks/compare_methods.py --dataset SYNTH-test \
+        [--methods log bian2013 ours dou2016 sundaresan2023] [--runs runs/] \
+        [--backend local --workers 2] [--markdown docs/methods_table.md]
 
 Runs (or resumes) ``cmbbench evaluate`` for each method under the default rule ``cmbbench@1``
 and prints Markdown: pooled precision/recall/F1 with bootstrap 95% CIs, FP per scan, FP per
@@ -31,7 +32,8 @@ def fmt_ci(agg: dict, ci: dict | None, key: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", default="SYNTH-test")
-    parser.add_argument("--methods", nargs="+", default=["log", "bian2013"])
+    parser.add_argument("--methods", nargs="+",
+                        default=["log", "bian2013", "ours", "dou2016", "sundaresan2023"])
     parser.add_argument("--runs", type=Path, default=Path("runs"))
     parser.add_argument("--backend", default="serial")
     parser.add_argument("--workers", type=int, default=None)

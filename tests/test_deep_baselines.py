@@ -17,34 +17,34 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from cmbbench_baselines.deep_common import crop, load_bundle, load_recipe  # noqa: E402
-from cmbbench_baselines.dou2016 import (  # noqa: E402
+from cmbbench_baselines.deep_common import crop, load_bundle, load_recipe
+from cmbbench_baselines.dou2016 import (
     DEFAULT_CHECKPOINT as DOU_CHECKPOINT,
 )
-from cmbbench_baselines.dou2016 import (  # noqa: E402
+from cmbbench_baselines.dou2016 import (
     Dou2016,
     merge_close,
     mine_hard_negatives,
     screening_candidates,
     split_stage1,
 )
-from cmbbench_baselines.dou2016_nets import (  # noqa: E402
+from cmbbench_baselines.dou2016_nets import (
     DiscriminationCNN,
     ScreeningFCN,
     screen_volume,
     screening_output_shape,
 )
-from cmbbench_baselines.frst import frst_2d, frst_stack, ideal_disc  # noqa: E402
-from cmbbench_baselines.grid import GridRule, WorkGrid  # noqa: E402
-from cmbbench_baselines.sundaresan2023 import (  # noqa: E402
+from cmbbench_baselines.frst import frst_2d, frst_stack, ideal_disc
+from cmbbench_baselines.grid import GridRule, WorkGrid
+from cmbbench_baselines.sundaresan2023 import (
     DEFAULT_CHECKPOINT as SUN_CHECKPOINT,
 )
-from cmbbench_baselines.sundaresan2023 import (  # noqa: E402
+from cmbbench_baselines.sundaresan2023 import (
     Sundaresan2023,
     candidate_components,
     labels_to_native,
 )
-from cmbbench_baselines.sundaresan2023_nets import (  # noqa: E402
+from cmbbench_baselines.sundaresan2023_nets import (
     CDetNet,
     StudentNet,
     TeacherNet,
@@ -52,16 +52,16 @@ from cmbbench_baselines.sundaresan2023_nets import (  # noqa: E402
     seg_loss,
     voxel_weights,
 )
-from cmbbench_baselines.sundaresan2023_prep import (  # noqa: E402
+from cmbbench_baselines.sundaresan2023_prep import (
     PrepConfig,
     cleanup_components,
     frangi_slices,
     suppress_vessels,
 )
 
-from cmbbench.errors import ConfigurationError  # noqa: E402
-from cmbbench.examples import affine_for, sphere  # noqa: E402
-from cmbbench.methods.api import ScanInput  # noqa: E402
+from cmbbench.errors import ConfigurationError
+from cmbbench.examples import affine_for, sphere
+from cmbbench.methods.api import ScanInput
 
 torch.set_num_threads(2)
 
@@ -167,7 +167,7 @@ def test_hard_negative_mining_picks_exactly_the_stage1_false_positives():
                      centre[(16, 2, 3)],  # under the threshold: missed by stage 1
                      [60.0, 40.0, 2.0]])  # far from every peak
     hard, hits = mine_hard_negatives(s, refs, spacing, offset=offset, threshold=0.64)
-    as_set = lambda a: {tuple(int(v) for v in row) for row in a}  # noqa: E731
+    as_set = lambda a: {tuple(int(v) for v in row) for row in a}
     assert as_set(hard) == {tuple(centre[o]) for o in [(2, 2, 1), (4, 12, 3), (11, 6, 4)]}
     assert as_set(hits) == {tuple(centre[o]) for o in [(8, 3, 2), (14, 14, 1)]}
     # the split itself: distance in mm, strictly beyond 5 mm is a false positive
@@ -317,7 +317,7 @@ def test_voxel_weights_and_seg_loss():
     assert w[0, 0, 0] == pytest.approx(1.0, abs=1e-3)
     assert (voxel_weights(np.zeros((3, 3, 3))) == 1).all()
     tt = torch.from_numpy(t)[None]
-    good = torch.stack([torch.from_numpy(10.0 * (1 - t)), torch.from_numpy(10.0 * t)])[None]
+    good = torch.stack([torch.from_numpy(20.0 * (1 - t)), torch.from_numpy(20.0 * t)])[None]
     bad = -good
     ww = torch.from_numpy(w)[None]
     assert float(seg_loss(good.float(), tt, ww)) < 0.01 < float(seg_loss(bad.float(), tt, ww))
@@ -357,7 +357,7 @@ def test_shipped_checkpoint_loads_weights_only(ck):
     meta = json.loads(ck.with_suffix(".json").read_text())
     state = torch.load(ck, map_location="cpu", weights_only=True)
     assert set(state) == {"nets", "config"}
-    state2, meta2 = load_bundle(ck)
+    _, meta2 = load_bundle(ck)
     assert meta2["sha256"] == meta["sha256"] == hashlib.sha256(ck.read_bytes()).hexdigest()
     assert ck.stat().st_size < 4 * 2 ** 20
     assert meta["datasets"]["train"]["name"] == "SYNTH-train"
@@ -488,3 +488,78 @@ def test_training_refuses_synth_test_and_init():
         train_dou(rec)
     with pytest.raises(ConfigurationError, match="not supported"):
         train_sun("sundaresan2023-synth-v1", init="x.pt")
+
+
+# ---------------------------------------------------------------------------------------------
+# slow end-to-end checks
+# ---------------------------------------------------------------------------------------------
+
+TINY = {
+    "dou2016": {"name": "dou-tiny", "method": "dou2016", "seed": 1, "max_minutes": 3,
+                "screen": {"c1": 4, "c2": 4, "fc": 8},
+                "discr": {"c1": 4, "c2": 4, "c3": 4, "f1": 8, "f2": 4},
+                "stage1": {"minutes": 0.2, "batch": 8, "val_every_minutes": 0.1},
+                "mining": {"scans": 2}, "stage2": {"minutes": 0.2, "batch": 8,
+                                                   "val_every_minutes": 0.1},
+                "train": {"dataset": "SYNTH-train", "version": "1", "max_scans": 3},
+                "val": {"dataset": "SYNTH-val", "version": "1", "max_scans": 2}},
+    "sundaresan2023": {"name": "sun-tiny", "method": "sundaresan2023", "seed": 1,
+                       "max_minutes": 3, "cdet": {"widths": [4, 4, 8]},
+                       "teacher": {"widths": [4, 4, 8], "head": [8]},
+                       "student": {"widths": [4, 4, 8], "head": [8]}, "init_from_cdet": True,
+                       "cdet_stage": {"minutes": 0.2, "batch": 2, "patch": 24,
+                                      "val_every_minutes": 0.1},
+                       "mining": {"scans": 2},
+                       "teacher_stage": {"minutes": 0.1, "batch": 4, "val_every_minutes": 0.1},
+                       "student_stage": {"minutes": 0.1, "batch": 4, "val_every_minutes": 0.1},
+                       "train": {"dataset": "SYNTH-train", "version": "1", "max_scans": 2},
+                       "val": {"dataset": "SYNTH-val", "version": "1", "max_scans": 1}},
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["dou2016", "sundaresan2023"])
+def test_train_via_cli_resume_and_evaluate(method, tmp_path):
+    """Train a tiny model with ``cmbbench train`` (needs SYNTH-train/-val), re-run it (every
+    stage is resumed, nothing retrained), then evaluate it on SYNTH-demo."""
+    import yaml
+    from click.testing import CliRunner
+
+    from cmbbench.cli import main
+    from cmbbench.evaluation import evaluate
+
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(yaml.safe_dump(TINY[method]))
+    out = tmp_path / "train"
+    args = ["train", "--method", method, "--recipe", str(recipe), "--out", str(out), "--quiet"]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    best = Path(res.output.strip().splitlines()[-1])
+    _, meta = load_bundle(best)
+    assert meta["command"].startswith(f"cmbbench train --method {method}")
+    assert meta["datasets"]["train"]["version"] == "1"
+
+    def n_val() -> int:
+        lines = (out / "log.jsonl").read_text().splitlines()
+        return sum(json.loads(x)["kind"] == "val" for x in lines)
+
+    before = n_val()
+    res = CliRunner().invoke(main, args)  # every stage finished: nothing is trained again
+    assert res.exit_code == 0, res.output
+    assert n_val() == before
+    cls = Dou2016 if method == "dou2016" else Sundaresan2023
+    report = evaluate(cls(checkpoint=str(best)), "SYNTH-demo", out=tmp_path / "run")
+    assert not report.failed and np.isfinite(report.result.aggregates["fp_per_scan"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["dou2016", "sundaresan2023"])
+def test_shipped_checkpoint_on_synth_demo(method, tmp_path):
+    """The shipped checkpoint through ``cmbbench evaluate`` on SYNTH-demo."""
+    from click.testing import CliRunner
+
+    from cmbbench.cli import main
+
+    res = CliRunner().invoke(main, ["evaluate", "--method", method, "--dataset", "SYNTH-demo",
+                                    "--out", str(tmp_path / "run"), "--json"])
+    assert res.exit_code == 0, res.output

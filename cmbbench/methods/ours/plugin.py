@@ -119,7 +119,7 @@ class Ours(Method):
     """Sequence-agnostic 3D U-Net with location-based post-processing."""
 
     name = "ours"
-    version = "1"
+    version = "2"
     citation = ("del Pozo Lerida et al., Automatic Detection of Cerebral Microbleeds: a "
                 "Clinically Robust Deep Learning Framework (poster); re-implemented and trained "
                 "in cmbbench")

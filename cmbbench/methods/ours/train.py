@@ -383,6 +383,7 @@ def train(recipe: str | Path | dict, *, out: str | Path | None = None,
     """
     say = progress or (lambda m: log.info(m))
     rec = load_recipe(recipe)
+    steps_arg, minutes_arg = steps, max_minutes
     seed = int(rec.get("seed", 0))
     steps = int(steps if steps is not None else rec.get("steps", 1000))
     budget_s = 60.0 * float(max_minutes if max_minutes is not None else
@@ -423,20 +424,26 @@ def train(recipe: str | Path | dict, *, out: str | Path | None = None,
     t_load = time.perf_counter()
     samp_cfg = dict(rec.get("sampling") or {})
     crop = int(math.ceil(1.3 * patch))
-    cases = _load_cases(tr_ref, work_mm, say, margin=crop // 4,
-                        hard=samp_cfg if float(samp_cfg.get("hard_fraction", 0)) > 0 else None,
-                        seed=seed)
+    last = out / "last.pt"
+    finished = False
+    if resume and last.is_file():  # a finished run re-run (e.g. to calibrate): no training data
+        peek = torch.load(last, map_location="cpu", weights_only=True)
+        finished = int(peek["step"]) >= steps or float(peek["elapsed"]) >= budget_s
+    cases = [] if finished else _load_cases(
+        tr_ref, work_mm, say, margin=crop // 4,
+        hard=samp_cfg if float(samp_cfg.get("hard_fraction", 0)) > 0 else None, seed=seed)
     val = _ValSet(va_ref, work_mm)
     say(f"preprocessed {len(cases)} train + {len(val.items)} val scan(s) in "
         f"{time.perf_counter() - t_load:.0f} s")
 
     opt = torch.optim.Adam(model.parameters(), lr=float(rec.get("lr", 1e-3)),
                            weight_decay=float(rec.get("weight_decay", 0.0)))
-    sampler = PatchSampler(cases, crop, pos_fraction=float(samp_cfg.get("pos_fraction", 0.67)),
-                           hard_fraction=float(samp_cfg.get("hard_fraction", 0.0)), seed=seed)
+    sampler = None if finished else PatchSampler(
+        cases, crop, pos_fraction=float(samp_cfg.get("pos_fraction", 0.67)),
+        hard_fraction=float(samp_cfg.get("hard_fraction", 0.0)), seed=seed)
     g = torch.Generator().manual_seed(seed)
     step, best, curve, elapsed0 = 0, -1.0, [], 0.0
-    last = out / "last.pt"
+    sampler_state = None
     if resume and last.is_file():
         st = torch.load(last, map_location="cpu", weights_only=True)
         model.load_state_dict(st["model"])
@@ -445,7 +452,9 @@ def train(recipe: str | Path | dict, *, out: str | Path | None = None,
         g.set_state(st["gen"])
         torch.set_rng_state(st["torch_rng"])
         extra = json.loads((out / "last.json").read_text())
-        sampler.rng.bit_generator.state = extra["sampler_rng"]
+        sampler_state = extra["sampler_rng"]
+        if sampler is not None:
+            sampler.rng.bit_generator.state = sampler_state
         curve = extra["curve"]
         say(f"resumed from {last} at step {step} (best val CPM {best:.3f})")
     logf = open(out / "log.jsonl", "a")
@@ -457,7 +466,9 @@ def train(recipe: str | Path | dict, *, out: str | Path | None = None,
         "datasets": {"train": tr_ref.record(), "val": va_ref.record()},
         "command": ("cmbbench train --method ours --recipe " + name +
                     (f" --init {init}" if init else "") +
-                    (f" --dataset {dataset}" if dataset else "")),
+                    (f" --dataset {dataset}" if dataset else "") +
+                    (f" --steps {steps_arg}" if steps_arg is not None else "") +
+                    (f" --max-minutes {minutes_arg:g}" if minutes_arg is not None else "")),
     }
     record_base["recipe"]["work_mm"] = work_mm
 
@@ -467,7 +478,8 @@ def train(recipe: str | Path | dict, *, out: str | Path | None = None,
                     "torch_rng": torch.get_rng_state()}, out / "last.pt.partial")
         os.replace(out / "last.pt.partial", last)
         (out / "last.json").write_text(json.dumps(
-            {"sampler_rng": sampler.rng.bit_generator.state, "curve": curve}, default=int))
+            {"sampler_rng": sampler.rng.bit_generator.state if sampler is not None
+             else sampler_state, "curve": curve}, default=int))
 
     last_val = [time.perf_counter()]
 
@@ -545,6 +557,7 @@ def train(recipe: str | Path | dict, *, out: str | Path | None = None,
                                       progress=say)
         meta.setdefault("recipe", {})["calibrate"] = cal
     meta["val_curve"] = curve
+    meta["last_command"] = record_base["command"]
     meta["total_training_seconds"] = round(time.perf_counter() - t0, 1)
     meta["total_steps"] = step
     # the record may change, the weights not: rewrite the JSON only (sha256 unchanged)
