@@ -222,13 +222,18 @@ def test_shipped_checkpoint_finds_cmbs(ours):
     pred = ours.predict(ScanInput("p", img, aff, sequence="T2S"))
     assert pred.probability.shape == img.shape
     assert 0 <= pred.probability.min() and pred.probability.max() <= 1
-    found = 0
-    for n in range(1, 4):
-        found += pred.probability[lab == n].max() >= 0.5
-    assert found >= 2, [float(pred.probability[lab == n].max()) for n in range(1, 4)]
+    from scipy import ndimage
+
+    # every CMB is a clear candidate (peak well above the 0.1 candidate floor), and the three
+    # CMBs are the three best-scoring things in the scan (FROC ranking): nothing away from
+    # them scores as high as the weakest of them
+    peaks = [float(pred.probability[lab == n].max()) for n in range(1, 4)]
+    assert min(peaks) >= 0.3, peaks
+    near = ndimage.binary_dilation(lab > 0, iterations=3)
+    elsewhere = float(pred.probability[~near].max())
+    assert elsewhere < min(peaks), (peaks, elsewhere)
     cands = pred.candidates
-    strong = cands[cands["score"] >= 0.5]
-    assert len(strong) <= 6
+    assert len(cands[cands["score"] >= 0.5]) <= 3
 
 
 # --------------------------------------------------------------------------------------------
