@@ -143,23 +143,10 @@ def load_bundle(path: str | Path) -> tuple[dict, dict]:
         Missing file or record, a sha256 mismatch (tampered or truncated file), or content that
         ``torch.load(..., weights_only=True)`` refuses (anything but tensors and plain types).
     """
+    from cmbbench.methods.ours.plugin import verified_record
+
     path = Path(path)
-    meta_path = path.with_suffix(".json")
-    if not path.is_file():
-        raise ConfigurationError("checkpoint not found", path)
-    if not meta_path.is_file():
-        raise ConfigurationError("checkpoint has no JSON record (with its sha256) beside it",
-                                 meta_path)
-    try:
-        meta = json.loads(meta_path.read_text())
-        expected = str(meta["sha256"])
-    except (json.JSONDecodeError, KeyError, TypeError):
-        raise ConfigurationError("checkpoint JSON record is unreadable or has no sha256",
-                                 meta_path) from None
-    actual = sha256_file(path)
-    if actual != expected:
-        raise ConfigurationError(f"checkpoint sha256 {actual[:12]}... differs from the recorded "
-                                 f"{expected[:12]}...; refusing to load it", path)
+    meta = verified_record(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
         if not isinstance(state, dict) or not isinstance(state.get("nets"), dict):

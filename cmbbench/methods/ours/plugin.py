@@ -30,7 +30,8 @@ from .postprocess import keep_candidate, tissue_maps
 from .preprocess import preprocess, to_native, work_to_native_index
 from .unet import UNet3D
 
-__all__ = ["Ours", "load_checkpoint", "operating_remap", "save_checkpoint", "sha256_of"]
+__all__ = ["Ours", "load_checkpoint", "operating_remap", "save_checkpoint", "sha256_of",
+           "verified_record"]
 
 log = logging.getLogger(__name__)
 
@@ -77,16 +78,15 @@ def save_checkpoint(model: UNet3D, path: Path, meta: dict) -> dict:
     return meta
 
 
-def load_checkpoint(path: str | Path) -> tuple[UNet3D, dict]:
-    """Load a checkpoint after checking the sha256 recorded in the JSON beside it.
+def verified_record(path: Path) -> dict:
+    """The JSON record beside checkpoint ``path`` once the file's sha256 matches the one it
+    records (shared by every trainable plugin's loader).
 
     Raises
     ------
     ConfigurationError
-        Missing checkpoint or JSON, a sha256 mismatch (tampered or truncated file), or weights
-        that ``torch.load(..., weights_only=True)`` refuses or that do not fit the model.
+        Missing checkpoint or JSON, unreadable JSON, or a sha256 mismatch.
     """
-    path = Path(path)
     meta_path = path.with_suffix(".json")
     if not path.is_file():
         raise ConfigurationError("checkpoint not found", path)
@@ -103,6 +103,20 @@ def load_checkpoint(path: str | Path) -> tuple[UNet3D, dict]:
     if actual != expected:
         raise ConfigurationError(f"checkpoint sha256 {actual[:12]}... differs from the recorded "
                                  f"{expected[:12]}...; refusing to load it", path)
+    return meta
+
+
+def load_checkpoint(path: str | Path) -> tuple[UNet3D, dict]:
+    """Load a checkpoint after checking the sha256 recorded in the JSON beside it.
+
+    Raises
+    ------
+    ConfigurationError
+        Missing checkpoint or JSON, a sha256 mismatch (tampered or truncated file), or weights
+        that ``torch.load(..., weights_only=True)`` refuses or that do not fit the model.
+    """
+    path = Path(path)
+    meta = verified_record(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
         model = build_model(state.get("model") or meta.get("model") or {})
