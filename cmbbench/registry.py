@@ -1,7 +1,8 @@
 """The dataset registry: one YAML card per dataset in ``datasets_registry/``.
 
-The registry folder is found, in order, at ``$CMBBENCH_REGISTRY``, or next to the installed
-package (``<repo>/datasets_registry`` for the source/editable install the README uses).
+The registry folder is found, in order, at ``$CMBBENCH_REGISTRY``, in the checkout
+(``<repo>/datasets_registry``, for the source/editable install the README uses), or inside the
+installed package (``cmbbench/datasets_registry``, where a wheel puts the same cards).
 Datasets prepared or generated locally live under the data home, ``$CMBBENCH_HOME`` or
 ``~/.cache/cmbbench``, as ``datasets/<NAME>-v<version>/``.
 """
@@ -27,10 +28,12 @@ def registry_dir() -> Path:
         if not path.is_dir():
             raise MissingInputError("CMBBENCH_REGISTRY is not a folder", path)
         return path
-    path = Path(__file__).resolve().parent.parent / "datasets_registry"
-    if not path.is_dir():
-        raise MissingInputError("dataset registry not found (set CMBBENCH_REGISTRY)", path)
-    return path
+    package = Path(__file__).resolve().parent
+    candidates = [package.parent / "datasets_registry", package / "datasets_registry"]
+    for path in candidates:
+        if path.is_dir():
+            return path
+    raise MissingInputError("dataset registry not found (set CMBBENCH_REGISTRY)", candidates[0])
 
 
 def data_home() -> Path:

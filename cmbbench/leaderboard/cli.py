@@ -1,6 +1,6 @@
 """``cmbbench leaderboard``: start the Streamlit app, or export a static snapshot.
 
-``cmbbench leaderboard [--db URL] [--port P]`` runs ``streamlit run leaderboard/app.py`` on
+``cmbbench leaderboard [--db URL] [--port P]`` runs ``streamlit run`` of the packaged app on
 127.0.0.1 (the process is replaced by Streamlit's, so stopping it stops the server);
 ``cmbbench leaderboard export --out DIR`` writes CSV, JSON and PNG files (see
 :mod:`cmbbench.leaderboard.export`). Both only read the store.
@@ -24,14 +24,18 @@ log = logging.getLogger(__name__)
 
 
 def app_path() -> Path:
-    """The app's entry script, ``leaderboard/app.py`` next to the package (source install)."""
+    """The app's entry script: ``$CMBBENCH_LEADERBOARD_APP`` when set, else ``leaderboard/app.py``
+    of the checkout (source or editable install), else the copy a wheel installs as
+    ``cmbbench/leaderboard_app/app.py``."""
     env = os.environ.get("CMBBENCH_LEADERBOARD_APP")
-    path = Path(env) if env else Path(__file__).resolve().parents[2] / "leaderboard" / "app.py"
-    if not path.is_file():
-        raise ConfigurationError("the leaderboard app (leaderboard/app.py) was not found: "
-                                 "install cmbbench from its source tree (pip install -e "
-                                 "'.[leaderboard]') or set CMBBENCH_LEADERBOARD_APP", path)
-    return path
+    package = Path(__file__).resolve().parents[1]
+    candidates = [Path(env)] if env else [package.parent / "leaderboard" / "app.py",
+                                          package / "leaderboard_app" / "app.py"]
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise ConfigurationError("the leaderboard app script was not found (a broken install, or "
+                             "CMBBENCH_LEADERBOARD_APP names a missing file)", candidates[0])
 
 
 def streamlit_command(url: str, *, port: int, address: str = "127.0.0.1") -> list[str]:

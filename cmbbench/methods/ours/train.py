@@ -495,8 +495,12 @@ def train(recipe: str | Path | dict, *, out: str | Path | None = None,
         logf.write(json.dumps({"kind": "val", **entry}) + "\n")
         logf.flush()
         last_val[0] = time.perf_counter()
-        cpm = m["cpm"] if np.isfinite(m["cpm"]) else -1.0
-        say(f"step {step}: val CPM {m['cpm']:.3f} recall {m['recall_pooled']:.3f} "
+        # model selection on the better of the two post-processing variants: calibration
+        # chooses the variant afterwards, so either may be the one shipped
+        variants = [m["cpm"], m["without_postprocessing"]["cpm"]]
+        cpm = max((c for c in variants if np.isfinite(c)), default=-1.0)
+        say(f"step {step}: val CPM {m['cpm']:.3f} (without rules "
+            f"{m['without_postprocessing']['cpm']:.3f}) recall {m['recall_pooled']:.3f} "
             f"FP/scan {m['fp_per_scan']:.2f} ({entry['val_seconds']:.0f} s)")
         if cpm > best or not (out / f"{name}.pt").is_file():
             best = max(best, cpm)
