@@ -300,7 +300,7 @@ def test_finetune_and_resume_via_cli(tmp_path):
 
     ds = _tiny_dataset(tmp_path / "tiny")
     out = tmp_path / "ft"
-    args = ["train", "--method", "ours", "--recipe", "ours-synth-v2", "--init",
+    args = ["train", "--method", "ours", "--recipe", "ours-synth-v3", "--init",
             str(DEFAULT_CHECKPOINT), "--dataset", str(ds), "--out", str(out), "--steps", "2",
             "--quiet"]
     res = CliRunner().invoke(main, args)

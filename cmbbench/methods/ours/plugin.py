@@ -133,7 +133,7 @@ class Ours(Method):
     """Sequence-agnostic 3D U-Net with location-based post-processing."""
 
     name = "ours"
-    version = "2"
+    version = "3"
     citation = ("del Pozo Lerida et al., Automatic Detection of Cerebral Microbleeds: a "
                 "Clinically Robust Deep Learning Framework (poster); re-implemented and trained "
                 "in cmbbench")
@@ -145,7 +145,7 @@ class Ours(Method):
         "Gaussian weighting; components scored by peak probability, remapped so that the "
         "operating threshold chosen on SYNTH-val lands on 0.5; optional location "
         "post-processing (drop components outside the brain mask, near its surface or in CSF), "
-        "on or off as chosen on SYNTH-val (off in ours-synth-v2).")
+        "on or off as chosen on SYNTH-val (off in ours-synth-v3).")
     limitations = (
         "Trained on synthetic data only (the shipped checkpoint); 1 mm working grid (the "
         "poster uses 0.5 mm) so CMBs under ~2 mm are near the resolution limit; voxel sizes "
