@@ -37,6 +37,7 @@ import yaml
 
 from cmbbench.dataset import sha256_file
 from cmbbench.errors import ConfigurationError
+from cmbbench.methods.ours.plugin import verified_record
 
 __all__ = [
     "RECIPES_DIR",
@@ -143,8 +144,6 @@ def load_bundle(path: str | Path) -> tuple[dict, dict]:
         Missing file or record, a sha256 mismatch (tampered or truncated file), or content that
         ``torch.load(..., weights_only=True)`` refuses (anything but tensors and plain types).
     """
-    from cmbbench.methods.ours.plugin import verified_record
-
     path = Path(path)
     meta = verified_record(path)
     try:

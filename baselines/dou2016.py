@@ -44,7 +44,6 @@ negatives of stage 2, trained on 20 x 20 x 16 patches; model selection on SYNTH-
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Sequence
@@ -64,12 +63,12 @@ from .log import (
     probability_from_labels,
     robust_normalise,
 )
+from .records import checkpoint_summary
 
 __all__ = [
     "DEFAULT_CHECKPOINT",
     "DOU_GRID_MM",
     "Dou2016",
-    "checkpoint_summary",
     "merge_close",
     "mine_hard_negatives",
     "prepare_image",
@@ -257,22 +256,6 @@ def merge_close(centres: np.ndarray, scores: np.ndarray, spacing_mm: Sequence[fl
         d = np.sqrt(((pos - pos[n]) ** 2).sum(axis=1))
         alive &= d >= merge_vox
     return np.asarray(kept, dtype=np.int64)
-
-
-def checkpoint_summary(path: Path) -> dict:
-    """What the JSON record beside a checkpoint says (no torch, nothing verified): sha256,
-    recipe, training time and validation metrics; ``{}`` when there is no record."""
-    meta_path = Path(path).with_suffix(".json")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
-    return {"file": str(path), "sha256": meta.get("sha256"),
-            "recipe": (meta.get("recipe") or {}).get("name"),
-            "command": meta.get("command"), "training_seconds": meta.get("training_seconds"),
-            "datasets": {k: f"{v.get('name')} v{v.get('version')} ({len(v.get('scan_ids', []))}"
-                            " scans)" for k, v in (meta.get("datasets") or {}).items()},
-            "val": meta.get("val")}
 
 
 def _grid_rule(config: dict) -> GridRule:

@@ -46,9 +46,9 @@ from scipy import ndimage
 
 from cmbbench.methods.api import Method, Prediction, Requirements, ScanInput
 
-from .dou2016 import checkpoint_summary
 from .grid import GridRule, WorkGrid
 from .log import candidate_table, probability_from_labels
+from .records import checkpoint_summary
 from .sundaresan2023_prep import PrepConfig, cleanup_components, prepare_channels
 
 __all__ = ["DEFAULT_CHECKPOINT", "Sundaresan2023", "candidate_components",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -20,14 +21,34 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+def _source_copy(dest: Path) -> Path:
+    """The checkout's files as git tracks them (or, without git, the tree minus build output
+    and virtual environments) copied to ``dest``."""
+    try:
+        listed = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True,
+                                check=True, timeout=60).stdout.decode().split("\0")
+    except (OSError, subprocess.CalledProcessError):
+        shutil.copytree(REPO, dest, ignore=shutil.ignore_patterns(
+            ".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", "runs"))
+        return dest
+    for rel in filter(None, listed):
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if (REPO / rel).is_file():
+            shutil.copy2(REPO / rel, target)
+    return dest
+
+
 @pytest.fixture(scope="module")
 def wheel_tree(tmp_path_factory) -> tuple[Path, set[str]]:
     if importlib.util.find_spec("setuptools") is None:
         pytest.skip("setuptools is not installed: cannot build the wheel without the network")
     out = tmp_path_factory.mktemp("wheel")
-    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", str(REPO), "--no-deps",
+    # build from a copy: setuptools writes build/ and *.egg-info/ next to the sources
+    source = _source_copy(out / "src")
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", str(source), "--no-deps",
                            "--no-build-isolation", "-q", "-w", str(out)],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
     (whl,) = out.glob("cmbbench-*.whl")
     tree = out / "tree"
@@ -72,7 +93,7 @@ def test_installed_tree_finds_its_app_and_registry(wheel_tree, tmp_path):
            if k not in ("CMBBENCH_REGISTRY", "CMBBENCH_LEADERBOARD_APP")}
     env["PYTHONPATH"] = str(tree)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          cwd=tmp_path, env=env, timeout=120)
+                          cwd=tmp_path, env=env, timeout=120, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
     found = json.loads(proc.stdout.strip().splitlines()[-1])
     assert Path(found["package"]).is_relative_to(tree)  # the unpacked wheel, not the checkout

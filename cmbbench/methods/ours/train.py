@@ -425,10 +425,10 @@ def train(recipe: str | Path | dict, *, out: str | Path | None = None,
     samp_cfg = dict(rec.get("sampling") or {})
     crop = int(math.ceil(1.3 * patch))
     last = out / "last.pt"
-    finished = False
-    if resume and last.is_file():  # a finished run re-run (e.g. to calibrate): no training data
-        peek = torch.load(last, map_location="cpu", weights_only=True)
-        finished = int(peek["step"]) >= steps or float(peek["elapsed"]) >= budget_s
+    st = torch.load(last, map_location="cpu", weights_only=True) if (
+        resume and last.is_file()) else None
+    # a finished run re-run (e.g. to calibrate) needs no training data
+    finished = st is not None and (int(st["step"]) >= steps or float(st["elapsed"]) >= budget_s)
     cases = [] if finished else _load_cases(
         tr_ref, work_mm, say, margin=crop // 4,
         hard=samp_cfg if float(samp_cfg.get("hard_fraction", 0)) > 0 else None, seed=seed)
@@ -444,8 +444,7 @@ def train(recipe: str | Path | dict, *, out: str | Path | None = None,
     g = torch.Generator().manual_seed(seed)
     step, best, curve, elapsed0 = 0, -1.0, [], 0.0
     sampler_state = None
-    if resume and last.is_file():
-        st = torch.load(last, map_location="cpu", weights_only=True)
+    if st is not None:
         model.load_state_dict(st["model"])
         opt.load_state_dict(st["optimizer"])
         step, best, elapsed0 = int(st["step"]), float(st["best"]), float(st["elapsed"])
