@@ -143,6 +143,12 @@ def test_operating_remap_is_monotone_and_moves_the_threshold():
     assert abs(float(operating_remap(0.8, 0.8)) - 0.5) < 1e-6
     assert ((q >= 0.5) == (p >= 0.8 - 1e-9)).all()
     assert np.array_equal(operating_remap(p, None), p.astype(np.float32))
+    # a saturated network's threshold near 1 is kept, not clipped to a lower one
+    near = np.array([0.9999, 0.99991, 0.99993, 0.99999], np.float32)
+    assert (operating_remap(near, 0.99992) >= 0.5).tolist() == [False, False, True, True]
+    # probabilities a rounding error above 1 stay scores in [0, 1]
+    over = operating_remap(np.array([1.0000001, 1.0], np.float32), 0.999994)
+    assert over.max() <= 1.0 and over.min() >= 0.5
 
 
 def test_deep_supervision_outputs():
@@ -321,6 +327,33 @@ def test_finetune_and_resume_via_cli(tmp_path):
     assert vals == [2, 3]
 
 
+def test_recipe_init_and_synthetic_cmbs_in_training(tmp_path):
+    """A recipe that names its starting checkpoint (``init``) and inserts synthetic CMBs:
+    the run records the checkpoint it continued, and the sampler inserted CMBs."""
+    import yaml
+
+    from cmbbench.methods.ours.train import load_recipe, train
+
+    ds = _tiny_dataset(tmp_path / "tiny")
+    rec = load_recipe("ours-synth-v4")
+    assert rec["init"] and float(rec["synthetic_cmbs"]["fraction"]) > 0
+    rec = {k: v for k, v in rec.items() if not k.startswith("_")}
+    rec["synthetic_cmbs"] = {**rec["synthetic_cmbs"], "per_protocol": 3, "fraction": 1.0}
+    rec.pop("calibrate")
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(rec))
+    lines: list[str] = []
+    best = train(str(path), out=tmp_path / "run", dataset=str(ds), steps=2,
+                 progress=lines.append)
+    meta = json.loads(best.with_suffix(".json").read_text())
+    shipped = DEFAULT_CHECKPOINT.parent / rec["init"]
+    assert meta["init"]["sha256"] == json.loads(shipped.with_suffix(".json").read_text())[
+        "sha256"]
+    assert "--init" not in meta["command"]          # the recipe alone reproduces the run
+    assert any(ln.startswith("rendered ") and "synthetic CMBs" in ln for ln in lines), lines
+    assert meta["synthetic_cmbs_inserted"] >= 6    # 2 steps x batch 3 crops, 1-2 CMBs each
+
+
 def test_train_refuses_synth_test_and_unknown_recipe():
     from cmbbench.methods.ours.train import load_recipe, open_split
 
@@ -342,3 +375,39 @@ def test_registered_and_info():
     assert "ours" in available_methods()
     info = method_info("ours")
     assert info["requirements"]["torch"] and info["requirements"]["trainable"]
+
+
+def test_location_rule_subsets():
+    from cmbbench.methods.ours.postprocess import (
+        RULES,
+        TissueMaps,
+        keep_candidate,
+        parse_rules,
+    )
+
+    mask = np.zeros((20, 20, 20), bool)
+    mask[2:18, 2:18, 2:18] = True
+    surface = mask & ~np.pad(np.ones((12, 12, 12), bool), 4)
+    csf = np.zeros_like(mask)
+    csf[8:14, 8:14, 8:14] = True
+    t = TissueMaps(mask, surface, csf, 1.0)
+    outside, band, in_csf, tissue = (0, 0, 0), (3, 10, 10), (11, 11, 11), (6, 6, 15)
+    assert keep_candidate(t, outside) == (False, "outside_brain")
+    assert keep_candidate(t, band) == (False, "surface")
+    assert keep_candidate(t, in_csf) == (False, "csf")
+    assert keep_candidate(t, tissue) == (True, "parenchyma")
+    only_mask = parse_rules("mask")
+    assert keep_candidate(t, outside, rules=only_mask)[0] is False
+    assert keep_candidate(t, band, rules=only_mask)[0] is True
+    assert keep_candidate(t, in_csf, rules=only_mask)[0] is True
+    assert keep_candidate(t, in_csf, rules=parse_rules("csf, mask")) == (False, "csf")
+    assert parse_rules(None) == RULES and parse_rules("csf,mask") == ("mask", "csf")
+    with pytest.raises(ValueError, match="unknown location rule"):
+        parse_rules("mask,skull")
+    with pytest.raises(ConfigurationError, match="unknown location rule"):
+        Ours(rules="skull")
+    assert Ours(rules="mask").rules == ("mask",)
+    # without an explicit choice, the checkpoint's validated rules apply
+    o = Ours()
+    o.meta = {"operating": {"rules": ["mask", "csf"]}}
+    assert o.rules == ("mask", "csf")

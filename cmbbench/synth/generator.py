@@ -44,7 +44,8 @@ from . import anatomy, physics, placement
 from .recipe import PROTOCOLS, Protocol, SynthRecipe
 
 __all__ = ["GENERATOR_VERSION", "Acquisition", "GeneratedScan", "sample_acquisition",
-           "generate_scan", "MIMIC_CLASSES", "DRAW_THRESHOLD"]
+           "generate_scan", "label_from_factor", "MIMIC_CLASSES", "DRAW_THRESHOLD",
+           "REFERENCE_B0_T", "REFERENCE_TE_MS", "CALIBRATION_PHI_C"]
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +58,9 @@ DRAW_THRESHOLD = 0.3
 MIMIC_CLASSES: tuple[str, ...] = ("medullary_vein", "cortical_vein", "calcification_pallidum",
                                   "calcification_choroid_plexus", "deep_iron", "flow_void")
 
-_REFERENCE_B0_T = 3.0
-_REFERENCE_TE_MS = 20.0
+#: Reference protocol (3 T, TE 20 ms) at which target apparent CMB diameters are drawn.
+REFERENCE_B0_T = 3.0
+REFERENCE_TE_MS = 20.0
 
 #: Phase threshold (rad) of the blooming law used to turn a target apparent diameter into a core
 #: susceptibility. The law's "dark" (|phase| > phi_c) is not the ground truth's "signal drop
@@ -255,7 +257,7 @@ def _background(rng: np.random.Generator, acq: Acquisition, subject: anatomy.Sub
     return signal, tissue
 
 
-def _mask_from_factor(factor: np.ndarray) -> np.ndarray:
+def label_from_factor(factor: np.ndarray) -> np.ndarray:
     """Apparent extent: voxels whose signal drops by >= DRAW_THRESHOLD, connected to the minimum."""
     mag = np.abs(factor)
     dark = mag <= 1.0 - DRAW_THRESHOLD
@@ -331,7 +333,7 @@ def _generate_scan(recipe: SynthRecipe, index: int, *, atlas: anatomy.Atlas | No
             target = placement.sample_apparent_diameter(
                 rng, recipe.diameter_median_mm, recipe.diameter_log_sd, *recipe.diameter_range_mm)
             core = placement.sample_core_diameter(rng, target)
-            dchi = physics.blooming_moment_for_diameter(target, _REFERENCE_B0_T, _REFERENCE_TE_MS,
+            dchi = physics.blooming_moment_for_diameter(target, REFERENCE_B0_T, REFERENCE_TE_MS,
                                                         core_diameter_mm=core,
                                                         phi_c=CALIBRATION_PHI_C)
             dchi = float(np.clip(dchi, 0.3, 40.0))
@@ -339,7 +341,7 @@ def _generate_scan(recipe: SynthRecipe, index: int, *, atlas: anatomy.Atlas | No
                                        core_r2s_per_s=_uniform(rng, (200.0, 600.0)),
                                        core_pd_ratio=0.8)
             sl, factor = insert(src)
-            mask = _mask_from_factor(factor)
+            mask = label_from_factor(factor)
             sub = labels[sl]
             mask &= sub == 0
             if mask.any():
@@ -386,7 +388,7 @@ def _generate_scan(recipe: SynthRecipe, index: int, *, atlas: anatomy.Atlas | No
             src = physics.SphereSource(pt.world, radius, -_uniform(rng, (0.3, 2.5)),
                                        core_r2s_per_s=300.0, core_pd_ratio=0.2)
             sl, factor = insert(src)
-            mask = _mask_from_factor(factor)
+            mask = label_from_factor(factor)
             if mask.any():
                 signal[sl] *= factor
                 add_mimic(cls, [(sl, mask)], 2 * radius, dchi_ppm=src.dchi_ppm)
@@ -415,7 +417,7 @@ def _generate_scan(recipe: SynthRecipe, index: int, *, atlas: anatomy.Atlas | No
             src = physics.SphereSource(pt.world, radius, 0.0, core_r2s_per_s=0.0,
                                        core_pd_ratio=0.05)
             sl, factor = insert(src)
-            mask = _mask_from_factor(factor)
+            mask = label_from_factor(factor)
             if mask.any():
                 signal[sl] *= factor
                 add_mimic("flow_void", [(sl, mask)], 2 * radius)

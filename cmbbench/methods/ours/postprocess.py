@@ -11,9 +11,9 @@ Here the method segments the scan itself, on the working grid:
   class (long T2*). Small CSF islands (< 20 mm^3) are discarded; the remaining CSF is dilated
   by 1 mm.
 
-A candidate is dropped when its peak is outside the mask, inside the surface band, or when
-more than ``csf_fraction`` of a 3 mm ball around its peak is CSF (ventricles, cisterns,
-sulci).
+A candidate is dropped when its peak is outside the mask (rule ``mask``), inside the surface
+band (``surface``), or when more than ``csf_fraction`` of a 3 mm ball around its peak is CSF
+(``csf``: ventricles, cisterns, sulci). Any subset of :data:`RULES` can be applied.
 """
 
 from __future__ import annotations
@@ -21,7 +21,28 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["TissueMaps", "tissue_maps", "keep_candidate"]
+__all__ = ["RULES", "TissueMaps", "tissue_maps", "keep_candidate", "parse_rules"]
+
+#: the location rules, in the order they are checked
+RULES: tuple[str, ...] = ("mask", "surface", "csf")
+
+
+def parse_rules(rules: str | tuple | list | None) -> tuple[str, ...]:
+    """``"mask,csf"`` or a sequence -> the rules in :data:`RULES` order (None: all).
+
+    Raises
+    ------
+    ValueError
+        An unknown rule name.
+    """
+    if rules is None:
+        return RULES
+    names = [r.strip() for r in (rules.split(",") if isinstance(rules, str) else rules)]
+    names = [r for r in names if r]
+    bad = [r for r in names if r not in RULES]
+    if bad:
+        raise ValueError(f"unknown location rule(s) {', '.join(bad)}; known: {', '.join(RULES)}")
+    return tuple(r for r in RULES if r in names)
 
 
 class TissueMaps:
@@ -61,13 +82,17 @@ def tissue_maps(image: np.ndarray, mask: np.ndarray, spacing_mm: float = 1.0, *,
     return TissueMaps(mask, mask & ~inner, csf, spacing_mm)
 
 
-def keep_candidate(t: TissueMaps, ijk: tuple[int, int, int], *,
-                   csf_fraction: float = 0.5) -> tuple[bool, str]:
+def keep_candidate(t: TissueMaps, ijk: tuple[int, int, int], *, csf_fraction: float = 0.5,
+                   rules: tuple[str, ...] = RULES) -> tuple[bool, str]:
+    """Whether a candidate with its peak at working-grid voxel ``ijk`` passes ``rules``, and
+    the first rule it fails (``outside_brain``, ``surface``, ``csf``) or ``parenchyma``."""
     i, j, k = (int(v) for v in ijk)
-    if not t.mask[i, j, k]:
+    if "mask" in rules and not t.mask[i, j, k]:
         return False, "outside_brain"
-    if t.surface[i, j, k]:
+    if "surface" in rules and t.surface[i, j, k]:
         return False, "surface"
+    if "csf" not in rules:
+        return True, "parenchyma"
     r = max(1, int(round(3.0 / t.spacing_mm)))
     sl = tuple(slice(max(v - r, 0), v + r + 1) for v in (i, j, k))
     ball = t.csf[sl]

@@ -31,7 +31,8 @@ from scipy import ndimage
 
 from ...errors import InvalidValuesError
 
-__all__ = ["Preprocessed", "brain_mask", "check_input", "normalise", "preprocess",
+__all__ = ["Preprocessed", "brain_mask", "check_input", "normalisation_stats", "normalise",
+           "preprocess",
            "resample_labels", "to_native", "work_to_native_index", "MIN_SPACING_MM", "MAX_SPACING_MM"]
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,9 @@ class Preprocessed:
     start_ornt: np.ndarray     # orientation of the native axes (nibabel io_orientation)
     spacing_ras: np.ndarray    # voxel sizes of the RAS array (mm)
     work_mm: float
+    #: median / scale of the normalisation: ``image + intensity_offset`` is the signal in
+    #: units of the scale (0 = no signal), what a multiplicative signal change acts on
+    intensity_offset: float = 0.0
 
     @property
     def zoom(self) -> np.ndarray:
@@ -137,12 +141,20 @@ def brain_mask(img: np.ndarray, spacing_mm: float, *, erode_mm: float = 2.0) -> 
     return m
 
 
-def normalise(img: np.ndarray, mask: np.ndarray) -> np.ndarray:
+def normalisation_stats(img: np.ndarray, mask: np.ndarray) -> tuple[float, float]:
+    """``(median, scale)`` of the image in the mask: scale = 1.4826 MAD (the sd where MAD is
+    degenerate, 1 if both are)."""
     vals = img[mask] if mask.sum() > 100 else img.ravel()
     med = float(np.median(vals))
     mad = 1.4826 * float(np.median(np.abs(vals - med)))
     if mad <= 1e-6 * max(abs(med), 1.0):
         mad = float(vals.std()) or 1.0
+    return med, mad
+
+
+def normalise(img: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """``(img - median) / scale`` (see :func:`normalisation_stats`), clipped to +-CLIP."""
+    med, mad = normalisation_stats(img, mask)
     return np.clip((img - med) / mad, -CLIP, CLIP).astype(np.float32)
 
 
@@ -164,8 +176,11 @@ def preprocess(image: np.ndarray, affine: np.ndarray, *, work_mm: float = 1.0) -
                                  "too large for ours (more than 400 mm per axis)")
     work = _zoom_to(np.ascontiguousarray(ras), shape, order=1)
     mask = brain_mask(work, work_mm)
-    return Preprocessed(image=normalise(work, mask), mask=mask, native_shape=native_shape,
-                        ras_shape=ras.shape, ornt=ornt, start_ornt=start, spacing_ras=sp_ras, work_mm=work_mm)
+    med, scale = normalisation_stats(work, mask)
+    image = np.clip((work - med) / scale, -CLIP, CLIP).astype(np.float32)
+    return Preprocessed(image=image, mask=mask, native_shape=native_shape,
+                        ras_shape=ras.shape, ornt=ornt, start_ornt=start, spacing_ras=sp_ras,
+                        work_mm=work_mm, intensity_offset=med / scale)
 
 
 def resample_labels(labels: np.ndarray, affine: np.ndarray, pre: Preprocessed) -> np.ndarray:

@@ -1,4 +1,5 @@
-"""CMB-centred patch sampling with negatives (numpy; patches cut from working-grid volumes)."""
+"""CMB-centred patch sampling with negatives and synthetic CMBs (numpy; patches cut from
+working-grid volumes)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from scipy import ndimage
+
+from .synthetic_cmbs import CMBBank, insert_cmb
 
 __all__ = ["Case", "PatchSampler", "crop_to_brain", "dark_spots"]
 
@@ -22,6 +25,9 @@ class Case:
     cmb_voxels: np.ndarray = field(default=None)  # (N, 3) voxel indices of CMB voxels
     brain_voxels: np.ndarray = field(default=None)
     hard_voxels: np.ndarray = field(default=None)  # (M, 3) centres of hard negatives
+    intensity_offset: float = 0.0  # median / scale of the normalisation (synthetic CMBs)
+    noise_sd: float = 0.0          # noise sd, normalised units (synthetic CMBs)
+    slice_mm: float = 1.0          # native slice thickness (mm) (synthetic CMBs)
 
     def __post_init__(self) -> None:
         if self.cmb_voxels is None:
@@ -84,10 +90,18 @@ class PatchSampler:
     share ``hard_fraction`` centred (same jitter) on a hard negative of a random case
     (:attr:`Case.hard_voxels`: dark spots and, on synthetic data, the inserted mimics), the
     rest centred on a random brain voxel of any case (negatives: veins, CSF, edges).
-    ``hard_fraction`` falls back to random brain voxels for cases without hard negatives."""
+    ``hard_fraction`` falls back to random brain voxels for cases without hard negatives.
+
+    With a ``bank`` (:class:`.synthetic_cmbs.CMBBank`), a share ``synth_fraction`` of all
+    crops, whatever their kind, also receives 1 to ``synth_max`` synthetic CMBs of the case's
+    sequence and slice thickness, each at a random brain voxel of the crop's central part
+    (``synth_margin`` voxels from every face) whose 3x3x3 mean lies in ``synth_z`` (parenchyma:
+    neither CSF nor a vessel) and that is at least 4 voxels from any labelled CMB voxel."""
 
     def __init__(self, cases: list[Case], size: int, *, pos_fraction: float = 0.67,
-                 hard_fraction: float = 0.0, seed: int = 0) -> None:
+                 hard_fraction: float = 0.0, seed: int = 0, bank: CMBBank | None = None,
+                 synth_fraction: float = 0.0, synth_max: int = 2, synth_margin: int = 10,
+                 synth_z: tuple[float, float] = (-2.0, 2.0)) -> None:
         if not cases:
             raise ValueError("no training cases")
         self.cases = cases
@@ -96,6 +110,12 @@ class PatchSampler:
         self.hard_fraction = float(hard_fraction)
         self.rng = np.random.default_rng(seed)
         self.positive = [c for c in cases if len(c.cmb_voxels)]
+        self.bank = bank
+        self.synth_fraction = float(synth_fraction) if bank is not None else 0.0
+        self.synth_max = max(1, int(synth_max))
+        self.synth_margin = int(synth_margin)
+        self.synth_z = (float(synth_z[0]), float(synth_z[1]))
+        self.n_synthetic = 0  # CMBs inserted so far
 
     def sample(self) -> tuple[np.ndarray, np.ndarray]:
         rng = self.rng
@@ -115,7 +135,33 @@ class PatchSampler:
             centre = pool[rng.integers(len(pool))]
         img = _crop(case.image, centre, self.size, case.fill)
         lab = _crop((case.labels > 0).astype(np.uint8), centre, self.size, 0)
+        if self.synth_fraction > 0 and rng.random() < self.synth_fraction:
+            img = img.astype(np.float32)
+            mask = _crop(case.mask, centre, self.size, False)
+            for _ in range(int(rng.integers(1, self.synth_max + 1))):
+                self._insert(case, img, lab, mask)
         return img, lab
+
+    def _insert(self, case: Case, img: np.ndarray, lab: np.ndarray, mask: np.ndarray) -> bool:
+        """One synthetic CMB into the crop (in place); False when no voxel qualifies."""
+        rng, m = self.rng, self.synth_margin
+        lo, hi = m, self.size - m
+        for _ in range(12):
+            c = rng.integers(lo, max(hi, lo + 1), size=3)
+            if not mask[tuple(c)]:
+                continue
+            near = tuple(slice(max(v - 4, 0), v + 5) for v in c)
+            if lab[near].any():
+                continue
+            local = float(img[tuple(slice(v - 1, v + 2) for v in c)].mean())
+            if not self.synth_z[0] <= local <= self.synth_z[1]:
+                continue
+            entry = self.bank.draw(rng, case.sequence, case.slice_mm)
+            insert_cmb(img, lab, entry, c, offset=case.intensity_offset, noise=case.noise_sd,
+                       swi=str(case.sequence).upper() == "SWI", rng=rng)
+            self.n_synthetic += 1
+            return True
+        return False
 
     def batch(self, n: int) -> tuple[np.ndarray, np.ndarray]:
         pairs = [self.sample() for _ in range(n)]

@@ -32,12 +32,14 @@ import torch
 import yaml
 
 from ...errors import ConfigurationError, MissingInputError
-from . import RECIPES_DIR
+from . import RECIPES_DIR, WEIGHTS_DIR
 from .augment import augment_batch
 from .losses import combined_loss
 from .plugin import Ours, build_model, load_checkpoint, save_checkpoint
+from .postprocess import RULES
 from .preprocess import preprocess, resample_labels
 from .sampling import Case, PatchSampler, crop_to_brain, dark_spots
+from .synthetic_cmbs import CMBBank, noise_sd
 
 __all__ = ["load_recipe", "train", "DataRef", "open_split"]
 
@@ -192,7 +194,9 @@ def _load_cases(ref: DataRef, work_mm: float, progress: Callable[[str], None], *
             hard_pts = np.concatenate(pts)
         # float16 image and binary labels: 120 whole-brain training scans fit in ~4 GB
         cases.append(Case(sid, image.astype(np.float16), (lab > 0).astype(np.uint8), mask, seq,
-                          hard_voxels=hard_pts))
+                          hard_voxels=hard_pts, intensity_offset=float(pre.intensity_offset),
+                          noise_sd=noise_sd(image, mask),
+                          slice_mm=float(pre.spacing_ras[2])))
         if (n + 1) % 10 == 0:
             progress(f"preprocessed {n + 1}/{len(ref.items)} training scans "
                      f"({time.perf_counter() - t0:.0f} s)")
@@ -259,9 +263,9 @@ def calibrate(model: torch.nn.Module, val: _ValSet, infer: dict, *,
               progress: Callable[[str], None] | None = None) -> dict:
     """Choose the post-processing variant and the operating threshold on validation scans.
 
-    Variants: the location rules with each surface band width in ``surfaces`` (mm), and no
-    post-processing. The variant with the highest CPM (threshold-free; ties: the earlier, more
-    conservative one) is kept; its operating threshold is the candidate score that maximises
+    Variants: all location rules with each surface band width in ``surfaces`` (mm), the brain
+    mask rule alone, and no post-processing. The variant with the highest CPM
+    (threshold-free; ties: the earlier, more conservative one) is kept; its operating threshold is the candidate score that maximises
     the pooled F1 over the validation scans (rule ``cmbbench``). Returns the ``operating``
     record stored in the checkpoint JSON (with every variant's numbers).
     """
@@ -275,16 +279,21 @@ def calibrate(model: torch.nn.Module, val: _ValSet, infer: dict, *,
                 overlap=float(infer.get("overlap", 0.15)), postprocess=True)
     meth.model, meth.meta = model, {}
     model.eval()
-    names = [f"surface_{s:g}mm" for s in surfaces] + ["none"]
+    # (name, surface band mm, rules); None = no post-processing
+    specs: list[tuple[str, float, tuple[str, ...] | None]] = (
+        [(f"surface_{s:g}mm", float(s), RULES) for s in surfaces]
+        + [("mask_only", 0.0, ("mask",)), ("none", 0.0, None)])
+    names = [n for n, _, _ in specs]
     acc: dict[str, tuple[list, list]] = {n: ([], []) for n in names}
     t0 = time.perf_counter()
     for sid, pre, affine, labels, lesions, seq in val.items:
         raw = meth.infer_work(pre)
         lz = _lesion_frame(lesions, sid)
-        for name, surf in zip(names, list(surfaces) + [None]):
-            meth._surface_mm = 0.0 if surf is None else float(surf)
+        for name, surf, rules in specs:
+            meth._surface_mm = surf
+            meth._rules = rules or RULES
             after, rows, before = meth.postprocess_work(raw, pre)
-            pp = surf is not None
+            pp = rules is not None
             native, _ = meth.to_native(after if pp else before, rows, pre, postprocess=pp)
             case = score_case(scan_id=sid, lesions=lz, image_shape=native.shape,
                               image_affine=affine, rule=rule, ref_labels=labels,
@@ -303,23 +312,30 @@ def calibrate(model: torch.nn.Module, val: _ValSet, infer: dict, *,
         p_, r_ = fr["precision"].fillna(0).to_numpy(), fr["sensitivity"].fillna(0).to_numpy()
         f1 = np.where(p_ + r_ > 0, 2 * p_ * r_ / np.maximum(p_ + r_, 1e-12), 0.0)
         best = int(np.argmax(f1)) if len(f1) else -1
+        thr = 0.5
+        if best >= 0:
+            # halfway between the best-F1 candidate's score and the next lower score, so that
+            # rounding can never move that candidate across the operating point
+            t_best = float(fr["threshold"].iloc[best])
+            below = fr["threshold"][fr["threshold"] < t_best]
+            thr = 0.5 * (t_best + float(below.max())) if len(below) else t_best
         variants[name] = {
             "cpm": float(res.aggregates["cpm"]),
             "f1_at_0.5": float(res.aggregates["f1_pooled"]),
-            "threshold": float(fr["threshold"].iloc[best]) if best >= 0 else 0.5,
+            "threshold": thr,
             "f1": float(f1[best]) if best >= 0 else 0.0,
             "precision": float(p_[best]) if best >= 0 else 0.0,
             "recall": float(r_[best]) if best >= 0 else 0.0,
             "fp_per_scan": float(fr["fp_per_scan"].iloc[best]) if best >= 0 else 0.0}
         say(f"calibration {name}: CPM {variants[name]['cpm']:.3f}, best F1 "
-            f"{variants[name]['f1']:.3f} at threshold {variants[name]['threshold']:.3f}")
+            f"{variants[name]['f1']:.3f} at threshold {variants[name]['threshold']:.6f}")
     chosen = max(names, key=lambda n: (np.nan_to_num(variants[n]["cpm"], nan=-1.0),
                                        -names.index(n)))
     v = variants[chosen]
-    # the operating point sits between the chosen candidate's score and the next lower one
+    spec = dict((n, (sf, rl)) for n, sf, rl in specs)[chosen]
     op = {"postprocess": chosen != "none",
-          "surface_mm": float(surfaces[names.index(chosen)]) if chosen != "none" else 0.0,
-          "threshold": round(min(max(v["threshold"], meth.threshold), 0.99), 4),
+          "surface_mm": spec[0], "rules": list(spec[1] or ()),
+          "threshold": float(np.clip(v["threshold"], meth.threshold, 1.0 - 1e-6)),
           "chosen": chosen, "variants": variants, "scans": ids, "rule": rule.rule_id,
           "dataset": {"name": val.ref.name, "version": val.ref.version},
           "seconds": round(time.perf_counter() - t0, 1)}
@@ -352,6 +368,15 @@ def _recipe_source(path: str | None) -> str | None:
         return str(path)
 
 
+def _package_relative(path: str | Path) -> str:
+    """A shipped checkpoint as its path inside the package; any other path as given."""
+    try:
+        return "cmbbench/methods/ours/weights/" + Path(path).resolve().relative_to(
+            WEIGHTS_DIR.resolve()).as_posix()
+    except ValueError:
+        return str(path)
+
+
 def _hardware() -> dict:
     return {"machine": platform.machine(), "processor": platform.processor() or "",
             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
@@ -373,6 +398,8 @@ def train(recipe: str | Path | dict, *, out: str | Path | None = None,
         Output folder (default ``runs/train/<recipe name>``, or ``..-finetune`` with ``init``).
     init
         Checkpoint to start from (sha256-checked); its architecture replaces the recipe's.
+        Default: the recipe's ``init`` (a path, or a file name in the package's weights
+        folder), else random initialisation.
     dataset
         Fine-tune on this dataset (name or folder) with a held-out split instead of the
         recipe's ``train``/``val``.
@@ -383,6 +410,13 @@ def train(recipe: str | Path | dict, *, out: str | Path | None = None,
     """
     say = progress or (lambda m: log.info(m))
     rec = load_recipe(recipe)
+    finetune = init is not None
+    if init is None and rec.get("init"):
+        # a recipe that continues a shipped checkpoint names it (a bare file name: the
+        # package's weights folder)
+        init = Path(str(rec["init"]))
+        if not init.is_absolute() and not init.is_file():
+            init = WEIGHTS_DIR / init
     steps_arg, minutes_arg = steps, max_minutes
     seed = int(rec.get("seed", 0))
     steps = int(steps if steps is not None else rec.get("steps", 1000))
@@ -397,7 +431,7 @@ def train(recipe: str | Path | dict, *, out: str | Path | None = None,
     loss_cfg = dict(rec.get("loss") or {})
     aug_cfg = dict(rec.get("augment") or {})
     name = str(rec["name"])
-    out = Path(out) if out else Path("runs") / "train" / (name + ("-finetune" if init else ""))
+    out = Path(out) if out else Path("runs") / "train" / (name + ("-finetune" if finetune else ""))
     out.mkdir(parents=True, exist_ok=True)
 
     torch.manual_seed(seed)
@@ -438,9 +472,21 @@ def train(recipe: str | Path | dict, *, out: str | Path | None = None,
 
     opt = torch.optim.Adam(model.parameters(), lr=float(rec.get("lr", 1e-3)),
                            weight_decay=float(rec.get("weight_decay", 0.0)))
+    synth_cfg = dict(rec.get("synthetic_cmbs") or {})
+    bank = None
+    if not finished and float(synth_cfg.get("fraction", 0.0)) > 0:
+        bank = CMBBank(int(synth_cfg.get("per_protocol", 100)), seed=seed,
+                       median_mm=float(synth_cfg.get("median_mm", 2.7)),
+                       log_sd=float(synth_cfg.get("log_sd", 0.5)),
+                       range_mm=tuple(float(v) for v in synth_cfg.get("range_mm", (1.5, 10.0))),
+                       uniform_share=float(synth_cfg.get("uniform_share", 0.3)))
+        say(f"rendered {len(bank)} synthetic CMBs in {bank.seconds:.0f} s")
     sampler = None if finished else PatchSampler(
         cases, crop, pos_fraction=float(samp_cfg.get("pos_fraction", 0.67)),
-        hard_fraction=float(samp_cfg.get("hard_fraction", 0.0)), seed=seed)
+        hard_fraction=float(samp_cfg.get("hard_fraction", 0.0)), seed=seed, bank=bank,
+        synth_fraction=float(synth_cfg.get("fraction", 0.0)),
+        synth_max=int(synth_cfg.get("max_per_crop", 2)),
+        synth_margin=int(synth_cfg.get("margin_vox", 10)))
     g = torch.Generator().manual_seed(seed)
     step, best, curve, elapsed0 = 0, -1.0, [], 0.0
     sampler_state = None
@@ -461,10 +507,10 @@ def train(recipe: str | Path | dict, *, out: str | Path | None = None,
     record_base = {
         "recipe": {k: v for k, v in rec.items() if not k.startswith("_")},
         "recipe_file": _recipe_source(rec.get("_path")), "seed": seed, "init": None if init is None else {
-            "path": str(init), "sha256": (init_meta or {}).get("sha256")},
+            "path": _package_relative(init), "sha256": (init_meta or {}).get("sha256")},
         "datasets": {"train": tr_ref.record(), "val": va_ref.record()},
         "command": ("cmbbench train --method ours --recipe " + name +
-                    (f" --init {init}" if init else "") +
+                    (f" --init {init}" if finetune else "") +
                     (f" --dataset {dataset}" if dataset else "") +
                     (f" --steps {steps_arg}" if steps_arg is not None else "") +
                     (f" --max-minutes {minutes_arg:g}" if minutes_arg is not None else "")),
@@ -547,6 +593,7 @@ def train(recipe: str | Path | dict, *, out: str | Path | None = None,
         validate()
         checkpoint_state()
     logf.close()
+    train_seconds = time.perf_counter() - t0  # a finished run re-run: the recorded time
     best_path = out / f"{name}.pt"
     meta = json.loads(best_path.with_suffix(".json").read_text())
     cal = rec.get("calibrate")
@@ -561,8 +608,12 @@ def train(recipe: str | Path | dict, *, out: str | Path | None = None,
         meta.setdefault("recipe", {})["calibrate"] = cal
     meta["val_curve"] = curve
     meta["last_command"] = record_base["command"]
-    meta["total_training_seconds"] = round(time.perf_counter() - t0, 1)
+    meta["total_training_seconds"] = round(train_seconds, 1)
+    if cal and "seconds" in meta.get("operating", {}):
+        meta["calibration_seconds"] = meta["operating"]["seconds"]
     meta["total_steps"] = step
+    if sampler is not None and sampler.bank is not None:
+        meta["synthetic_cmbs_inserted"] = sampler.n_synthetic  # this session's, if resumed
     # the record may change, the weights not: rewrite the JSON only (sha256 unchanged)
     best_path.with_suffix(".json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
     say(f"best val CPM {best:.3f}; checkpoint {best_path}")
