@@ -265,9 +265,11 @@ def calibrate(model: torch.nn.Module, val: _ValSet, infer: dict, *,
 
     Variants: all location rules with each surface band width in ``surfaces`` (mm), the brain
     mask rule alone, and no post-processing. The variant with the highest CPM
-    (threshold-free; ties: the earlier, more conservative one) is kept; its operating threshold is the candidate score that maximises
-    the pooled F1 over the validation scans (rule ``cmbbench``). Returns the ``operating``
-    record stored in the checkpoint JSON (with every variant's numbers).
+    (threshold-free; ties: the earlier, more conservative one) is kept; its operating
+    threshold lies halfway between the candidate score that maximises the pooled F1 over the
+    validation scans (rule ``cmbbench``) and the next lower score, unclipped up to 1 - 1e-6
+    (saturated networks). Returns the ``operating`` record stored in the checkpoint JSON (with
+    every variant's numbers, ``rules`` and ``surface_mm``).
     """
     from ...matching import MATCH_COLUMNS, get_rule
     from ...metrics import scan_table
