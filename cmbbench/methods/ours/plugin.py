@@ -53,12 +53,14 @@ def operating_remap(p: np.ndarray | float, threshold: float | None) -> np.ndarra
     """
     # a Gaussian-weighted average of probabilities may exceed 1 by a rounding error, which a
     # threshold near 1 would magnify past 1
-    p = np.clip(np.asarray(p, dtype=np.float64), 0.0, 1.0)
+    # (float32 throughout: a whole-scan map, and p - t is exact for p near t)
+    p = np.clip(np.asarray(p, dtype=np.float32), 0.0, 1.0)
     if threshold is None or abs(float(threshold) - 0.5) < 1e-9:
-        return p.astype(np.float32)
-    t = float(np.clip(threshold, 1e-6, 1 - 1e-6))  # saturated networks: thresholds near 1
-    q = np.where(p < t, 0.5 * p / t, 0.5 + 0.5 * (p - t) / (1 - t))
-    return np.clip(q, 0.0, 1.0).astype(np.float32)
+        return p
+    t = np.float32(np.clip(threshold, 1e-6, 1 - 1e-6))  # saturated networks: near 1
+    q = np.where(p < t, p * np.float32(0.5 / float(t)),
+                 (p - t) * np.float32(0.5 / (1.0 - float(t))) + np.float32(0.5))
+    return np.clip(q, 0.0, 1.0).astype(np.float32, copy=False)
 
 
 def build_model(model_cfg: dict) -> UNet3D:
