@@ -359,24 +359,16 @@ def _lesion_frame(lesions: pd.DataFrame, sid: str) -> pd.DataFrame:
     return lz[list(LESION_COLUMNS) + [c for c in lz.columns if c not in LESION_COLUMNS]]
 
 
-def _recipe_source(path: str | None) -> str | None:
-    """A shipped recipe as its path inside the package; any other YAML as given."""
+def _package_path(path: str | Path | None, folder: Path) -> str | None:
+    """A shipped file (a recipe or checkpoint inside ``folder`` of this package) as its path
+    inside the repository/package; any other path as given; None stays None."""
     if not path:
         return None
     try:
-        return "cmbbench/methods/ours/recipes/" + Path(path).resolve().relative_to(
-            RECIPES_DIR.resolve()).as_posix()
+        rel = Path(path).resolve().relative_to(folder.resolve()).as_posix()
     except ValueError:
         return str(path)
-
-
-def _package_relative(path: str | Path) -> str:
-    """A shipped checkpoint as its path inside the package; any other path as given."""
-    try:
-        return "cmbbench/methods/ours/weights/" + Path(path).resolve().relative_to(
-            WEIGHTS_DIR.resolve()).as_posix()
-    except ValueError:
-        return str(path)
+    return f"cmbbench/methods/ours/{folder.name}/{rel}"
 
 
 def _hardware() -> dict:
@@ -508,8 +500,8 @@ def train(recipe: str | Path | dict, *, out: str | Path | None = None,
     t0 = time.perf_counter() - elapsed0
     record_base = {
         "recipe": {k: v for k, v in rec.items() if not k.startswith("_")},
-        "recipe_file": _recipe_source(rec.get("_path")), "seed": seed, "init": None if init is None else {
-            "path": _package_relative(init), "sha256": (init_meta or {}).get("sha256")},
+        "recipe_file": _package_path(rec.get("_path"), RECIPES_DIR), "seed": seed, "init": None if init is None else {
+            "path": _package_path(init, WEIGHTS_DIR), "sha256": (init_meta or {}).get("sha256")},
         "datasets": {"train": tr_ref.record(), "val": va_ref.record()},
         "command": ("cmbbench train --method ours --recipe " + name +
                     (f" --init {init}" if finetune else "") +
