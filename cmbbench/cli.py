@@ -583,9 +583,19 @@ def merge_cmd(parts: tuple[Path, ...], out: Path, overwrite: bool, as_json: bool
 @click.option("--max-minutes", type=float, default=None,
               help="Override the recipe's wall-clock budget (minutes).")
 @click.option("--no-resume", is_flag=True, help="Start over even if OUT/last.pt exists.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None,
+              help="Where to train [default: the recipe's device, else auto: CUDA when torch "
+                   "sees one, else CPU].")
+@click.option("--no-calibrate", is_flag=True,
+              help="Skip the recipe's calibration step (a later run with the same --out does "
+                   "it).")
+@click.option("--calibrate-only", is_flag=True,
+              help="Train no further: calibrate the best checkpoint of the run in --out (one "
+                   "trained elsewhere with --no-calibrate, or cut short).")
 @click.option("--quiet", is_flag=True, help="Only warnings and errors on stderr.")
 def train_cmd(method: str, recipe: str, init: Path | None, dataset: str | None,
               out: Path | None, steps: int | None, max_minutes: float | None, no_resume: bool,
+              device: str | None, no_calibrate: bool, calibrate_only: bool,
               quiet: bool) -> None:
     """Train (or, with --init and --dataset, fine-tune) a trainable method from a recorded
     recipe; logs loss and validation CPM, resumable; prints the best checkpoint's path."""
@@ -601,7 +611,9 @@ def train_cmd(method: str, recipe: str, init: Path | None, dataset: str | None,
             raise ConfigurationError(f"method {method!r} has no recipe-based training")
         say = (lambda m: None) if quiet else (lambda m: click.echo(m, err=True))
         path = fn(recipe, out=out, init=init, dataset=dataset, steps=steps,
-                  max_minutes=max_minutes, resume=not no_resume, progress=say)
+                  max_minutes=max_minutes, resume=not no_resume, device=device,
+                  calibrate_after=not no_calibrate, calibrate_only=calibrate_only,
+                  progress=say)
     except CmbbenchError as exc:
         _fail(exc, False)
         return

@@ -14,7 +14,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from cmbbench.errors import ConfigurationError, InvalidValuesError  # noqa: E402
+from cmbbench.errors import (ConfigurationError, InvalidValuesError,  # noqa: E402
+                             MissingInputError)
 from cmbbench.examples import affine_for, sphere  # noqa: E402
 from cmbbench.methods.api import ScanInput  # noqa: E402
 from cmbbench.methods.ours import DEFAULT_CHECKPOINT  # noqa: E402
@@ -242,6 +243,40 @@ def test_shipped_checkpoint_finds_cmbs(ours):
     assert len(cands[cands["score"] >= 0.5]) <= 3
 
 
+def test_logit_scores_keep_the_ranking_where_probabilities_saturate(ours):
+    """``score=logit``: one sliding-window pass gives both maps; thresholds select the same
+    voxels under either score; the tempered map ranks what float32 probabilities tie at 1."""
+    from cmbbench.methods.ours.infer import sliding_window, tempered, tempered_threshold
+    from cmbbench.methods.ours.plugin import Ours
+
+    img, aff, lab = phantom(shape=(120, 120, 48), spacing=(0.9, 0.9, 2.0), radius_mm=2.5)
+    ours.load()
+    pre = preprocess(img, aff, work_mm=ours.work_mm)
+    prob, d = sliding_window(ours.model, pre.image, pre.mask, output="both")
+    assert prob.shape == d.shape == pre.image.shape
+    # one tile (no overlap to average over): p = sigmoid(d) to rounding
+    p1, d1 = sliding_window(ours.model, pre.image[:64, :64, :64], None, output="both")
+    np.testing.assert_allclose(p1, 1 / (1 + np.exp(-d1.astype(np.float64))), atol=1e-4)
+    for p in (0.05, 0.1, 0.5, 0.9):
+        t = tempered(d)
+        assert np.array_equal(t > tempered_threshold(p), d > np.log(p / (1 - p)))
+    # float32 sigmoid ties at exactly 1 from d ~ 17 on; tempered scores stay ordered
+    big = np.array([18.0, 25.0, 40.0, 60.0], np.float32)
+    assert len(set(tempered(big).tolist())) == 4
+    assert len(set((1 / (1 + np.exp(-big))).astype(np.float32).tolist())) == 1
+
+    logit = Ours(score="logit")
+    logit.model, logit.meta = ours.model, ours.meta
+    pred = logit.predict(ScanInput("p", img, aff, sequence="T2S"))
+    peaks = [float(pred.probability[lab == n].max()) for n in range(1, 4)]
+    from scipy import ndimage
+
+    near = ndimage.binary_dilation(lab > 0, iterations=3)
+    assert float(pred.probability[~near].max()) < min(peaks)
+    with pytest.raises(ConfigurationError, match="score must be one of"):
+        Ours(score="rank")
+
+
 # --------------------------------------------------------------------------------------------
 # bad input
 
@@ -411,3 +446,100 @@ def test_location_rule_subsets():
     o = Ours()
     o.meta = {"operating": {"rules": ["mask", "csf"]}}
     assert o.rules == ("mask", "csf")
+
+
+def test_preprocessing_workers_do_not_change_the_cases(tmp_path):
+    """Scans preprocessed by 2 processes give the same cases (arrays and random hard-negative
+    centres) as in one process."""
+    from cmbbench.dataset import read_dataset
+    from cmbbench.methods.ours.train import DataRef, _from_dataset, _load_cases
+
+    ds = read_dataset(_tiny_dataset(tmp_path / "tiny"))
+    ref = DataRef(ds.name, "0", ds.root, _from_dataset(ds, ds.scan_ids))
+    hard = {"dark_z": -2.0, "mimic_voxels_per_instance": 5}
+    one = _load_cases(ref, 1.0, lambda m: None, margin=3, hard=hard, seed=7, workers=1)
+    two = _load_cases(ref, 1.0, lambda m: None, margin=3, hard=hard, seed=7, workers=2)
+    assert len(one) == len(two) == len(ds.scan_ids)
+    for a, b in zip(one, two):
+        assert a.scan_id == b.scan_id
+        np.testing.assert_array_equal(a.image, b.image)
+        np.testing.assert_array_equal(a.labels, b.labels)
+        np.testing.assert_array_equal(a.hard_voxels, b.hard_voxels)
+        assert a.noise_sd == b.noise_sd and a.slice_mm == b.slice_mm
+    assert any(len(c.hard_voxels) for c in one)
+
+
+def test_batch_workers_stream_is_seeded_and_trains(tmp_path):
+    """Batches made by DataLoader workers repeat for the same (seed, start step), differ for
+    another start step, and a recipe with ``loader_workers`` trains and records its device."""
+    import yaml
+
+    from cmbbench.dataset import read_dataset
+    from cmbbench.methods.ours.sampling import PatchSampler
+    from cmbbench.methods.ours.train import (DataRef, _BatchStream, _from_dataset, _load_cases,
+                                             load_recipe, train)
+
+    root = _tiny_dataset(tmp_path / "tiny")
+    ds = read_dataset(root)
+    cases = _load_cases(DataRef(ds.name, "0", ds.root, _from_dataset(ds, ds.scan_ids)), 1.0,
+                        lambda m: None, margin=3, workers=1)
+
+    def make(s):
+        return PatchSampler(cases, 21, pos_fraction=0.5, seed=s)
+
+    def first(start, n=4):
+        dl = torch.utils.data.DataLoader(_BatchStream(make, 2, 16, {}, 5, start),
+                                         batch_size=None, num_workers=2)
+        it = iter(dl)
+        out = [next(it) for _ in range(n)]
+        del it
+        return out
+
+    a, b, c = first(0), first(0), first(10)
+    assert a[0][0].shape == (2, 1, 16, 16, 16) and a[0][1].shape == (2, 16, 16, 16)
+    for (xa, ya), (xb, yb) in zip(a, b):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    assert not all(torch.equal(xa, xc) for (xa, _), (xc, _) in zip(a, c))
+    assert not torch.equal(a[0][0], a[1][0])  # the two workers draw different batches
+
+    rec = {k: v for k, v in load_recipe("ours-synth-v5").items() if not k.startswith("_")}
+    assert rec["loader_workers"] > 0 and rec["init"]
+    rec.update(loader_workers=2, batch=2, patch=24, val_every=2, val_every_minutes=1e6)
+    rec.pop("synthetic_cmbs")
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(rec))
+    lines: list[str] = []
+    best = train(str(path), out=tmp_path / "run", dataset=str(root), steps=3, device="cpu",
+                 calibrate_after=False, progress=lines.append)
+    meta = json.loads(best.with_suffix(".json").read_text())
+    assert meta["total_steps"] == 3 and "--device cpu --no-calibrate" in meta["command"]
+    assert meta["hardware"]["cuda"] in (True, False)
+    assert "operating" not in meta  # calibration left for later
+    assert any("2 batch worker(s)" in ln for ln in lines), lines
+    log = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in log if e["kind"] == "val"] == [2, 3]
+
+    # a run trained elsewhere is calibrated here without training further (a larger step
+    # budget would otherwise resume training)
+    sha = meta["sha256"]
+    best = train(str(path), out=tmp_path / "run", dataset=str(root), steps=50, device="cpu",
+                 calibrate_only=True, progress=lines.append)
+    meta = json.loads(best.with_suffix(".json").read_text())
+    assert meta["sha256"] == sha and meta["total_steps"] == 3
+    assert meta["operating"]["chosen"] in meta["operating"]["variants"]
+    assert meta["last_command"].endswith("--calibrate-only")
+    log2 = (tmp_path / "run" / "log.jsonl").read_text().splitlines()
+    assert len(log2) == len(log)  # no step, no validation
+    with pytest.raises(MissingInputError, match="nothing to calibrate"):
+        train(str(path), out=tmp_path / "empty", dataset=str(root), calibrate_only=True)
+
+
+def test_unknown_device_is_refused():
+    from cmbbench.methods.ours.train import _resolve_device
+
+    with pytest.raises(ConfigurationError, match="unknown device"):
+        _resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigurationError, match="no CUDA device"):
+            _resolve_device("cuda")
+    assert _resolve_device("cpu").type == "cpu"

@@ -192,6 +192,22 @@ def test_same_folder_other_recipe_is_refused(tmp_path: Path) -> None:
         make_dataset(tiny_recipe(n_scans=1, seed=99), tmp_path / "x")
 
 
+def test_folder_made_before_an_optional_field_existed_is_resumed(tmp_path: Path) -> None:
+    """A recipe.json without a later-added optional field (at its default) is the same recipe;
+    the same field at another value is not."""
+    import json
+
+    out = tmp_path / "x"
+    make_dataset(tiny_recipe(n_scans=1), out)
+    rec = json.loads((out / "recipe.json").read_text())
+    assert rec["recipe"].pop("swi_mip_mm") is None
+    (out / "recipe.json").write_text(json.dumps(rec))
+    ds = make_dataset(tiny_recipe(n_scans=1), out)  # resumes: nothing left to generate
+    assert len(ds.scan_ids) == 1
+    with pytest.raises(ConfigurationError, match="different recipe"):
+        make_dataset(tiny_recipe(n_scans=1, swi_mip_mm=8.0), out)
+
+
 def test_ground_truth_is_the_bloomed_extent() -> None:
     # The label of each CMB covers exactly the connected voxels whose signal the CMB alone
     # lowers by >= 30 %: regenerate one scan and compare with the recorded diameters.

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from dataclasses import MISSING, fields
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Callable
@@ -80,6 +81,18 @@ def _write_scan(recipe: SynthRecipe, index: int, out: Path) -> str:
     return scan.scan_id
 
 
+def _same_record(old: dict, new: dict) -> bool:
+    """Whether a folder's ``recipe.json`` (``old``) records the recipe ``new``. A recipe field
+    added to :class:`SynthRecipe` after the folder was made, absent from ``old``, counts as
+    recorded when ``new`` holds its default (a default never changes what is generated)."""
+    defaults = {f.name: f.default for f in fields(SynthRecipe) if f.default is not MISSING}
+    rec = dict(old.get("recipe") or {})
+    for key, value in (new.get("recipe") or {}).items():
+        if key not in rec and key in defaults and value == defaults[key]:
+            rec[key] = value
+    return {**old, "recipe": rec} == new
+
+
 def _check_output(out: Path, recipe: SynthRecipe) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -92,7 +105,7 @@ def _check_output(out: Path, recipe: SynthRecipe) -> None:
     record = _recipe_record(recipe)
     if record_path.is_file():
         old = json.loads(record_path.read_text())
-        if old != json.loads(json.dumps(record)):
+        if not _same_record(old, json.loads(json.dumps(record))):
             raise ConfigurationError(
                 "the output folder holds a dataset made from a different recipe or generator "
                 "version; choose another --out or delete it", out)

@@ -7,7 +7,29 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-__all__ = ["gaussian_weight", "sliding_window", "extract_candidates"]
+__all__ = ["LOGIT_FLOOR", "LOGIT_TEMPERATURE", "extract_candidates", "gaussian_weight",
+           "sliding_window", "tempered", "tempered_threshold"]
+
+#: log-odds written outside the brain's bounding box (``output="logit"``): p ~ 2e-22
+LOGIT_FLOOR = -50.0
+#: score of a voxel with log-odds d under ``score=logit``: sigmoid(d / T). A float32
+#: sigmoid(d) is exactly 1 from d ~ 17 on, so a saturated network's confident candidates tie;
+#: with T = 4 the scores stay distinct up to d ~ 66.
+LOGIT_TEMPERATURE = 4.0
+
+
+def tempered(logodds: np.ndarray | float, temperature: float = LOGIT_TEMPERATURE
+             ) -> np.ndarray:
+    """sigmoid(logodds / temperature) as float32 (a monotone score in [0, 1])."""
+    d = np.asarray(logodds, dtype=np.float64) / float(temperature)
+    return (0.5 * (1.0 + np.tanh(0.5 * d))).astype(np.float32)
+
+
+def tempered_threshold(p: float, temperature: float = LOGIT_TEMPERATURE) -> float:
+    """The tempered score of probability ``p``: thresholding sigmoid(d / T) there selects
+    the same voxels as thresholding sigmoid(d) at ``p``."""
+    p = float(np.clip(p, 1e-12, 1 - 1e-12))
+    return float(tempered(np.log(p / (1 - p)), temperature))
 
 
 def gaussian_weight(size: int, sigma_scale: float = 0.125) -> torch.Tensor:
@@ -29,12 +51,25 @@ def _starts(n: int, p: int, step: int) -> list[int]:
 @torch.no_grad()
 def sliding_window(model: torch.nn.Module, image: np.ndarray, mask: np.ndarray | None = None, *,
                    patch: int = 96, overlap: float = 0.15, tta: bool = False,
-                   margin: int = 4) -> np.ndarray:
-    """Foreground probability (float32, image shape); zero outside the mask's bounding box."""
+                   margin: int = 4, output: str = "prob"
+                   ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """Gaussian-weighted mean over tiles (and flips) of the network's foreground output.
+
+    ``output="prob"``: the probability (float32, image shape; 0 outside the brain mask's
+    bounding box). ``output="logit"``: the log-odds log(p1 / p0) instead (:data:`LOGIT_FLOOR`
+    outside the box), which keeps its ranking where probabilities saturate at 1.
+    ``output="both"``: the tuple (probability, log-odds) from one pass.
+
+    Tiles run on the device of the model's parameters (CPU or CUDA); the map is assembled on
+    the CPU.
+    """
+    if output not in ("prob", "logit", "both"):
+        raise ValueError(f"output must be 'prob', 'logit' or 'both', not {output!r}")
+    kinds = ("prob", "logit") if output == "both" else (output,)
     model.eval()
     torch.set_flush_denormal(True)
+    dev = next(model.parameters()).device
     div = getattr(model, "divisor", 4)
-    out = np.zeros(image.shape, np.float32)
     if mask is not None and mask.any():
         idx = np.argwhere(mask)
         lo = np.maximum(idx.min(0) - margin, 0)
@@ -48,7 +83,7 @@ def sliding_window(model: torch.nn.Module, image: np.ndarray, mask: np.ndarray |
     pad = np.maximum(p - shape, 0)
     x = np.pad(sub, [(0, int(q)) for q in pad], mode="edge")
     xt = torch.from_numpy(np.ascontiguousarray(x))[None, None]
-    acc = torch.zeros(xt.shape[2:])
+    acc = {kind: torch.zeros(xt.shape[2:]) for kind in kinds}
     wsum = torch.zeros(xt.shape[2:])
     w = gaussian_weight(int(p.max()))
     w = w[tuple(slice((int(p.max()) - int(q)) // 2, (int(p.max()) - int(q)) // 2 + int(q))
@@ -58,18 +93,26 @@ def sliding_window(model: torch.nn.Module, image: np.ndarray, mask: np.ndarray |
     for i in _starts(xt.shape[2], int(p[0]), steps[0]):
         for j in _starts(xt.shape[3], int(p[1]), steps[1]):
             for k in _starts(xt.shape[4], int(p[2]), steps[2]):
-                tile = xt[:, :, i:i + p[0], j:j + p[1], k:k + p[2]]
-                prob = 0
+                tile = xt[:, :, i:i + p[0], j:j + p[1], k:k + p[2]].to(dev)
+                tot = {kind: 0 for kind in kinds}
                 for f in flips:
                     t = torch.flip(tile, f) if f else tile
-                    pr = torch.softmax(model(t), 1)[:, 1:2]
-                    prob = prob + (torch.flip(pr, f) if f else pr)
-                prob = prob[0, 0] / len(flips)
-                acc[i:i + p[0], j:j + p[1], k:k + p[2]] += prob * w
-                wsum[i:i + p[0], j:j + p[1], k:k + p[2]] += w
-    res = (acc / wsum.clamp_min(1e-6)).numpy()[:shape[0], :shape[1], :shape[2]]
-    out[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = res
-    return out
+                    z = model(t)
+                    for kind in kinds:
+                        v = (z[:, 1:2] - z[:, 0:1]) if kind == "logit" else torch.softmax(
+                            z, 1)[:, 1:2]
+                        tot[kind] = tot[kind] + (torch.flip(v, f) if f else v)
+                sl = (slice(i, i + p[0]), slice(j, j + p[1]), slice(k, k + p[2]))
+                for kind in kinds:
+                    acc[kind][sl] += (tot[kind][0, 0] / len(flips)).float().cpu() * w
+                wsum[sl] += w
+    maps = []
+    for kind in kinds:
+        out = np.full(image.shape, LOGIT_FLOOR if kind == "logit" else 0.0, np.float32)
+        res = (acc[kind] / wsum.clamp_min(1e-6)).numpy()[:shape[0], :shape[1], :shape[2]]
+        out[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = res
+        maps.append(out)
+    return maps[0] if len(maps) == 1 else tuple(maps)
 
 
 def extract_candidates(prob: np.ndarray, *, threshold: float = 0.1,

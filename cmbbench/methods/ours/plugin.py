@@ -25,7 +25,7 @@ import torch
 from ...errors import ConfigurationError
 from ..api import Method, Prediction, Requirements, ScanInput
 from . import DEFAULT_CHECKPOINT
-from .infer import extract_candidates, sliding_window
+from .infer import extract_candidates, sliding_window, tempered, tempered_threshold
 from .postprocess import keep_candidate, parse_rules, tissue_maps
 from .preprocess import preprocess, to_native, work_to_native_index
 from .unet import UNet3D
@@ -34,6 +34,9 @@ __all__ = ["Ours", "load_checkpoint", "operating_remap", "save_checkpoint", "sha
            "verified_record"]
 
 log = logging.getLogger(__name__)
+
+#: voxel scores: mean probability, or tempered mean log-odds (:func:`.infer.tempered`)
+SCORES = ("prob", "logit")
 
 
 def sha256_of(path: Path) -> str:
@@ -138,7 +141,7 @@ class Ours(Method):
     """Sequence-agnostic 3D U-Net with location-based post-processing."""
 
     name = "ours"
-    version = "4"
+    version = "5"
     citation = ("del Pozo Lerida et al., Automatic Detection of Cerebral Microbleeds: a "
                 "Clinically Robust Deep Learning Framework (poster); re-implemented and trained "
                 "in cmbbench")
@@ -151,7 +154,7 @@ class Ours(Method):
         "with Gaussian weighting; components scored by peak probability, remapped so that the "
         "operating threshold chosen on SYNTH-val lands on 0.5; location post-processing "
         "(drop components outside the brain mask, near its surface or in CSF), each rule on "
-        "or off as chosen on SYNTH-val (ours-synth-v4: the brain-mask rule only).")
+        "or off as chosen on SYNTH-val (ours-synth-v5-ctx64: the brain-mask rule only).")
     limitations = (
         "Trained on synthetic data only (the shipped checkpoint); 1 mm working grid (the "
         "poster uses 0.5 mm) so CMBs under ~2 mm are near the resolution limit; voxel sizes "
@@ -164,11 +167,11 @@ class Ours(Method):
                  postprocess: bool | None = None, threshold: float = 0.1, patch: int = 96,
                  overlap: float = 0.15, threads: int = 0, surface_mm: float | None = None,
                  operating_threshold: float | None = None, rules: str | None = None,
-                 **params: object) -> None:
+                 score: str | None = None, **params: object) -> None:
         super().__init__(checkpoint=checkpoint, tta=tta, postprocess=postprocess,
                          threshold=threshold, patch=patch, overlap=overlap, threads=threads,
                          surface_mm=surface_mm, operating_threshold=operating_threshold,
-                         rules=rules, **params)
+                         rules=rules, score=score, **params)
         if params:
             raise TypeError(f"unknown parameter(s): {', '.join(params)}")
         self.checkpoint = Path(checkpoint) if checkpoint else DEFAULT_CHECKPOINT
@@ -181,6 +184,9 @@ class Ours(Method):
         # None: the checkpoint's validated choice (``operating`` in its JSON), else 2 mm / 0.5
         self._surface_mm = None if surface_mm is None else float(surface_mm)
         self._operating = None if operating_threshold is None else float(operating_threshold)
+        if score is not None and str(score) not in SCORES:
+            raise ConfigurationError(f"score must be one of {', '.join(SCORES)}, not {score!r}")
+        self._score = None if score is None else str(score)
         try:
             self._rules = None if rules is None else parse_rules(rules)
         except ValueError as exc:
@@ -225,12 +231,30 @@ class Ours(Method):
         return (self.meta.get("operating") or {}).get("threshold")
 
     @property
+    def score(self) -> str:
+        """How voxels are scored: ``prob`` (mean probability over tiles) or ``logit``
+        (sigmoid of the mean log-odds / :data:`.infer.LOGIT_TEMPERATURE`, which does not
+        saturate); default: the checkpoint's validated choice, else ``prob``."""
+        if self._score is not None:
+            return self._score
+        return str((self.meta.get("operating") or {}).get("score", "prob"))
+
+    def _level(self, p: float) -> float:
+        """Probability ``p`` in the units of the score map (thresholds select the same voxels
+        under either score)."""
+        return tempered_threshold(p) if self.score == "logit" else float(p)
+
+    @property
     def work_mm(self) -> float:
         return float(self.meta.get("recipe", {}).get("work_mm", 1.0))
 
     def infer_work(self, pre) -> np.ndarray:
-        """Raw probability map on the working grid (sliding window, optional flip TTA)."""
+        """Raw score map on the working grid (sliding window, optional flip TTA), in
+        :attr:`score` units."""
         self.load()
+        if self.score == "logit":
+            return tempered(sliding_window(self.model, pre.image, pre.mask, patch=self.patch,
+                                           overlap=self.overlap, tta=self.tta, output="logit"))
         return sliding_window(self.model, pre.image, pre.mask, patch=self.patch,
                               overlap=self.overlap, tta=self.tta)
 
@@ -238,10 +262,11 @@ class Ours(Method):
         """Candidates of a raw working-grid map and the location rules: the map after
         post-processing (when enabled), every candidate row (with ``kept``/``reason``), and the
         map before post-processing."""
-        lab, rows = extract_candidates(raw, threshold=self.threshold)
+        lab, rows = extract_candidates(raw, threshold=self._level(self.threshold),
+                                       min_score=self._level(0.05))
         tissue = tissue_maps(pre.image, pre.mask, pre.work_mm, surface_mm=self.surface_mm)
         before = raw.copy()
-        before[raw < 0.5 * self.threshold] = 0
+        before[raw < self._level(0.5 * self.threshold)] = 0
         for r in rows:
             keep, why = keep_candidate(tissue, (r["i"], r["j"], r["k"]), rules=self.rules)
             r["kept"], r["reason"] = bool(keep), why

@@ -23,7 +23,7 @@ import math
 import os
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +34,7 @@ import yaml
 from ...errors import ConfigurationError, MissingInputError
 from . import RECIPES_DIR, WEIGHTS_DIR
 from .augment import augment_batch
+from .infer import sliding_window, tempered
 from .losses import combined_loss
 from .plugin import Ours, build_model, load_checkpoint, save_checkpoint
 from .postprocess import RULES
@@ -160,64 +161,105 @@ def _mimic_centres(labels: np.ndarray, per_instance: int, rng: np.random.Generat
     return pts[np.concatenate(keep)]
 
 
+def _prep_workers() -> int:
+    """Processes preprocessing scans in parallel: the CPU count, at most 8 (each holds a
+    native scan and its working-grid copies, up to ~2 GB; the result does not depend on it)."""
+    return max(1, min(os.cpu_count() or 1, 8))
+
+
+def _ordered_map(fn: Callable, items: list, workers: int) -> Iterator:
+    """``fn(i) for i in items``, in order, over ``workers`` processes when more than one."""
+    if workers <= 1 or len(items) <= 1:
+        yield from (fn(i) for i in items)
+        return
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=min(workers, len(items))) as pool:
+        yield from pool.map(fn, items, chunksize=1)
+
+
+def _prep_training_scan(args: tuple) -> dict:
+    """The deterministic, per-scan part of :func:`_load_cases` (a worker process): read,
+    preprocess, resample the label and mimic maps, crop to the brain box."""
+    from ...nifti import read_volume
+
+    ip, lp, work_mm, margin, with_mimics = args
+    vol = read_volume(ip)
+    pre = preprocess(vol.data, vol.affine, work_mm=work_mm)
+    if lp is not None and Path(lp).is_file():
+        lab = resample_labels(np.asarray(read_volume(lp).data), vol.affine, pre)
+    else:
+        lab = np.zeros(pre.image.shape, np.int32)
+    mim = None
+    mp = Path(ip).parent.parent / "mimics" / Path(ip).name
+    if with_mimics and mp.is_file():
+        mim = resample_labels(np.asarray(read_volume(mp).data), vol.affine, pre)
+    image, lab, mask, *rest = crop_to_brain(pre.image, lab, pre.mask, margin, mim)
+    return {"image": image, "labels": lab, "mask": mask, "mimics": rest[0] if rest else None,
+            "intensity_offset": float(pre.intensity_offset), "noise_sd": noise_sd(image, mask),
+            "slice_mm": float(pre.spacing_ras[2])}
+
+
 def _load_cases(ref: DataRef, work_mm: float, progress: Callable[[str], None], *,
-                margin: int = 0, hard: dict | None = None, seed: int = 0) -> list[Case]:
+                margin: int = 0, hard: dict | None = None, seed: int = 0,
+                workers: int | None = None) -> list[Case]:
     """Preprocess training scans onto the working grid, cropped to the brain box plus
     ``margin`` voxels. With ``hard`` (the recipe's ``sampling`` mapping), each case gets its
     hard-negative centres: :func:`.sampling.dark_spots` (``dark_z``) plus, where the dataset
     has mimic maps (synthetic data: ``mimics/<scan_id>.nii.gz``), up to
-    ``mimic_voxels_per_instance`` voxels of each mimic."""
-    from ...nifti import read_volume
+    ``mimic_voxels_per_instance`` voxels of each mimic.
 
+    The scans are preprocessed by ``workers`` processes (default :func:`_prep_workers`); the
+    random hard-negative draws then run in scan order in this process, so the cases do not
+    depend on the number of workers."""
     rng = np.random.default_rng(seed)
     cases = []
     t0 = time.perf_counter()
-    for n, (sid, ip, lp, seq, _) in enumerate(ref.items):
-        vol = read_volume(ip)
-        pre = preprocess(vol.data, vol.affine, work_mm=work_mm)
-        if lp is not None and Path(lp).is_file():
-            lab = resample_labels(np.asarray(read_volume(lp).data), vol.affine, pre)
-        else:
-            lab = np.zeros(pre.image.shape, np.int32)
-        mim = None
-        mp = Path(ip).parent.parent / "mimics" / Path(ip).name
-        if hard and mp.is_file():
-            mim = resample_labels(np.asarray(read_volume(mp).data), vol.affine, pre)
-        image, lab, mask, *rest = crop_to_brain(pre.image, lab, pre.mask, margin, mim)
+    workers = _prep_workers() if workers is None else int(workers)
+    jobs = [(ip, lp, work_mm, margin, bool(hard)) for _, ip, lp, _, _ in ref.items]
+    for d, (sid, _, _, seq, _) in zip(_ordered_map(_prep_training_scan, jobs, workers),
+                                      ref.items):
+        image, lab, mask = d["image"], d["labels"], d["mask"]
         hard_pts = None
         if hard:
             pts = [dark_spots(image, mask, lab, z_max=float(hard.get("dark_z", -2.0)),
                               seed=int(rng.integers(2**31)))]
-            if rest:
-                pts.append(_mimic_centres(rest[0], int(hard.get("mimic_voxels_per_instance",
-                                                                    10)), rng))
+            if d["mimics"] is not None:
+                pts.append(_mimic_centres(d["mimics"], int(hard.get(
+                    "mimic_voxels_per_instance", 10)), rng))
             hard_pts = np.concatenate(pts)
         # float16 image and binary labels: 120 whole-brain training scans fit in ~4 GB
-        cases.append(Case(sid, image.astype(np.float16), (lab > 0).astype(np.uint8), mask, seq,
-                          hard_voxels=hard_pts, intensity_offset=float(pre.intensity_offset),
-                          noise_sd=noise_sd(image, mask),
-                          slice_mm=float(pre.spacing_ras[2])))
-        if (n + 1) % 10 == 0:
-            progress(f"preprocessed {n + 1}/{len(ref.items)} training scans "
-                     f"({time.perf_counter() - t0:.0f} s)")
+        cases.append(Case(sid, image.astype(np.float16), (lab > 0).astype(np.uint8), mask,
+                          seq, hard_voxels=hard_pts, intensity_offset=d["intensity_offset"],
+                          noise_sd=d["noise_sd"], slice_mm=d["slice_mm"]))
+        if len(cases) % 10 == 0:
+            progress(f"preprocessed {len(cases)}/{len(ref.items)} training scans "
+                     f"({time.perf_counter() - t0:.0f} s, {workers} process(es))")
     progress(f"loaded {len(cases)} training scan(s) from {ref.name}")
     return cases
+
+
+def _prep_val_scan(args: tuple) -> tuple:
+    """Preprocessed image and native reference labels of one validation scan (a worker)."""
+    from ...nifti import read_volume
+
+    ip, lp, work_mm = args
+    vol = read_volume(ip)
+    pre = preprocess(vol.data, vol.affine, work_mm=work_mm)
+    labels = (np.asarray(read_volume(lp).data).astype(np.uint32)
+              if lp is not None and Path(lp).is_file() else None)
+    return pre, vol.affine, labels
 
 
 class _ValSet:
     """Validation scans kept preprocessed; CPM by cmbbench scoring on the native grid."""
 
-    def __init__(self, ref: DataRef, work_mm: float) -> None:
-        from ...nifti import read_volume
-
+    def __init__(self, ref: DataRef, work_mm: float, workers: int | None = None) -> None:
         self.ref = ref
-        self.items = []
-        for sid, ip, lp, seq, lesions in ref.items:
-            vol = read_volume(ip)
-            pre = preprocess(vol.data, vol.affine, work_mm=work_mm)
-            labels = (np.asarray(read_volume(lp).data).astype(np.uint32)
-                      if lp is not None and Path(lp).is_file() else None)
-            self.items.append((sid, pre, vol.affine, labels, lesions, seq))
+        done = _ordered_map(_prep_val_scan, [(ip, lp, work_mm) for _, ip, lp, _, _ in ref.items],
+                            _prep_workers() if workers is None else int(workers))
+        self.items = [(sid, pre, affine, labels, lesions, seq) for (pre, affine, labels), (
+            sid, _, _, seq, lesions) in zip(done, ref.items)]
 
     def score(self, model: torch.nn.Module, infer: dict, *, postprocess: bool = True) -> dict:
         """Aggregates (CPM, pooled recall/precision/F1, FP per scan) of ``model``."""
@@ -233,7 +275,8 @@ class _ValSet:
 
         rule = get_rule("cmbbench")
         meth = Ours(postprocess=True, threshold=float(infer.get("threshold", 0.1)),
-                    patch=int(infer.get("patch", 96)), overlap=float(infer.get("overlap", 0.15)))
+                    patch=int(infer.get("patch", 96)), overlap=float(infer.get("overlap", 0.15)),
+                    score=infer.get("score"))
         meth.model, meth.meta = model, {}
         acc = {"with": ([], []), "without": ([], [])}
         for sid, pre, affine, labels, lesions, seq in self.items:
@@ -258,18 +301,60 @@ class _ValSet:
         return out
 
 
+class _BatchStream(torch.utils.data.IterableDataset):
+    """Endless augmented training batches made by DataLoader worker processes.
+
+    Worker ``w`` draws from its own :class:`.sampling.PatchSampler` and augmentation generator,
+    both seeded from ``(seed, start_step, w)``; a DataLoader takes the workers' batches in
+    turn, so the stream depends only on the seed, the worker count and the step it starts at
+    (a resumed run starts a fresh stream at its step)."""
+
+    def __init__(self, make_sampler: Callable[[int], PatchSampler], batch: int, patch: int,
+                 aug_cfg: dict, seed: int, start_step: int) -> None:
+        super().__init__()
+        self.make_sampler, self.batch, self.patch = make_sampler, batch, patch
+        self.aug_cfg = {k: float(v) for k, v in aug_cfg.items()}
+        self.seed, self.start_step = int(seed), int(start_step)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        info = torch.utils.data.get_worker_info()
+        wid = info.id if info is not None else 0
+        torch.set_num_threads(1)
+        s = np.random.SeedSequence([self.seed, self.start_step, wid]).generate_state(2)
+        sampler = self.make_sampler(int(s[0]))
+        g = torch.Generator().manual_seed(int(s[1]))
+        while True:
+            xb, yb = sampler.batch(self.batch)
+            yield augment_batch(torch.from_numpy(xb), torch.from_numpy(yb), self.patch, g,
+                                **self.aug_cfg)
+
+
+def _resolve_device(name: str | None) -> torch.device:
+    """``auto`` (CUDA when available, else CPU), ``cpu`` or ``cuda``."""
+    name = str(name or "auto").lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name not in ("cpu", "cuda"):
+        raise ConfigurationError(f"unknown device {name!r}: use auto, cpu or cuda")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigurationError("device cuda asked for, but torch sees no CUDA device")
+    return torch.device(name)
+
+
 def calibrate(model: torch.nn.Module, val: _ValSet, infer: dict, *,
-              surfaces: tuple[float, ...] = (2.0, 0.0),
+              surfaces: tuple[float, ...] = (2.0, 0.0), scores: tuple[str, ...] = ("prob", "logit"),
               progress: Callable[[str], None] | None = None) -> dict:
     """Choose the post-processing variant and the operating threshold on validation scans.
 
     Variants: all location rules with each surface band width in ``surfaces`` (mm), the brain
-    mask rule alone, and no post-processing. The variant with the highest CPM
-    (threshold-free; ties: the earlier, more conservative one) is kept; its operating
+    mask rule alone, and no post-processing, each with ``scores`` (``prob``: mean probability;
+    ``logit``: tempered mean log-odds, named ``<variant>+logit``; both maps come from one
+    sliding-window pass). The variant with the highest CPM (threshold-free; ties: the
+    earlier, more conservative one, ``prob`` before ``logit``) is kept; its operating
     threshold lies halfway between the candidate score that maximises the pooled F1 over the
     validation scans (rule ``cmbbench``) and the next lower score, unclipped up to 1 - 1e-6
     (saturated networks). Returns the ``operating`` record stored in the checkpoint JSON (with
-    every variant's numbers, ``rules`` and ``surface_mm``).
+    every variant's numbers, ``rules``, ``surface_mm`` and ``score``).
     """
     from ...matching import MATCH_COLUMNS, get_rule
     from ...metrics import scan_table
@@ -281,20 +366,25 @@ def calibrate(model: torch.nn.Module, val: _ValSet, infer: dict, *,
                 overlap=float(infer.get("overlap", 0.15)), postprocess=True)
     meth.model, meth.meta = model, {}
     model.eval()
-    # (name, surface band mm, rules); None = no post-processing
-    specs: list[tuple[str, float, tuple[str, ...] | None]] = (
-        [(f"surface_{s:g}mm", float(s), RULES) for s in surfaces]
-        + [("mask_only", 0.0, ("mask",)), ("none", 0.0, None)])
-    names = [n for n, _, _ in specs]
+    # (name, surface band mm, rules, score); rules None = no post-processing
+    base = ([(f"surface_{s:g}mm", float(s), RULES) for s in surfaces]
+            + [("mask_only", 0.0, ("mask",)), ("none", 0.0, None)])
+    specs: list[tuple[str, float, tuple[str, ...] | None, str]] = [
+        (n + ("" if sc == "prob" else f"+{sc}"), sf, rl, sc) for sc in scores
+        for n, sf, rl in base]
+    names = [sp[0] for sp in specs]
     acc: dict[str, tuple[list, list]] = {n: ([], []) for n in names}
     t0 = time.perf_counter()
     for sid, pre, affine, labels, lesions, seq in val.items:
-        raw = meth.infer_work(pre)
+        prob, logodds = sliding_window(model, pre.image, pre.mask, patch=meth.patch,
+                                       overlap=meth.overlap, output="both")
+        raw_of = {"prob": prob, "logit": tempered(logodds)}
         lz = _lesion_frame(lesions, sid)
-        for name, surf, rules in specs:
+        for name, surf, rules, sc in specs:
             meth._surface_mm = surf
             meth._rules = rules or RULES
-            after, rows, before = meth.postprocess_work(raw, pre)
+            meth._score = sc
+            after, rows, before = meth.postprocess_work(raw_of[sc], pre)
             pp = rules is not None
             native, _ = meth.to_native(after if pp else before, rows, pre, postprocess=pp)
             case = score_case(scan_id=sid, lesions=lz, image_shape=native.shape,
@@ -304,13 +394,15 @@ def calibrate(model: torch.nn.Module, val: _ValSet, infer: dict, *,
             acc[name][1].append({"scan_id": sid, "sequence": seq, **case.extras})
     ids = [i[0] for i in val.items]
     variants = {}
+    score_of = {sp[0]: sp[3] for sp in specs}
     for name, (tables, extras) in acc.items():
+        meth._score = score_of[name]
         ne = [t for t in tables if len(t)]
         table = pd.concat(ne, ignore_index=True) if ne else pd.DataFrame(columns=MATCH_COLUMNS)
         res = ScoreResult.from_tables(table, scan_table(table, ids, extra=pd.DataFrame(extras)),
                                       rule, n_boot=0)
         fr = res.froc
-        fr = fr[np.isfinite(fr["threshold"]) & (fr["threshold"] >= meth.threshold)]
+        fr = fr[np.isfinite(fr["threshold"]) & (fr["threshold"] >= meth._level(meth.threshold))]
         p_, r_ = fr["precision"].fillna(0).to_numpy(), fr["sensitivity"].fillna(0).to_numpy()
         f1 = np.where(p_ + r_ > 0, 2 * p_ * r_ / np.maximum(p_ + r_, 1e-12), 0.0)
         best = int(np.argmax(f1)) if len(f1) else -1
@@ -334,10 +426,12 @@ def calibrate(model: torch.nn.Module, val: _ValSet, infer: dict, *,
     chosen = max(names, key=lambda n: (np.nan_to_num(variants[n]["cpm"], nan=-1.0),
                                        -names.index(n)))
     v = variants[chosen]
-    spec = dict((n, (sf, rl)) for n, sf, rl in specs)[chosen]
-    op = {"postprocess": chosen != "none",
-          "surface_mm": spec[0], "rules": list(spec[1] or ()),
-          "threshold": float(np.clip(v["threshold"], meth.threshold, 1.0 - 1e-6)),
+    _, surf, rules, sc = next(sp for sp in specs if sp[0] == chosen)
+    meth._score = sc
+    op = {"postprocess": rules is not None, "surface_mm": surf, "rules": list(rules or ()),
+          "score": sc,
+          "threshold": float(np.clip(v["threshold"], meth._level(meth.threshold),
+                                     1.0 - 1e-6)),
           "chosen": chosen, "variants": variants, "scans": ids, "rule": rule.rule_id,
           "dataset": {"name": val.ref.name, "version": val.ref.version},
           "seconds": round(time.perf_counter() - t0, 1)}
@@ -375,12 +469,14 @@ def _hardware() -> dict:
     return {"machine": platform.machine(), "processor": platform.processor() or "",
             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "python": platform.python_version(),
-            "cuda": torch.cuda.is_available()}
+            "cuda": torch.cuda.is_available(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
 def train(recipe: str | Path | dict, *, out: str | Path | None = None,
           init: str | Path | None = None, dataset: str | Path | None = None,
           steps: int | None = None, max_minutes: float | None = None, resume: bool = True,
+          device: str | None = None, calibrate_after: bool = True, calibrate_only: bool = False,
           progress: Callable[[str], None] | None = None) -> Path:
     """Train (or fine-tune) from a recipe; returns the path of the best checkpoint.
 
@@ -401,6 +497,22 @@ def train(recipe: str | Path | dict, *, out: str | Path | None = None,
         Override the recipe's step count and wall-clock budget.
     resume
         Continue from ``out/last.pt`` when it exists.
+    device
+        ``auto`` (CUDA when torch sees one, else CPU), ``cpu`` or ``cuda``; default: the
+        recipe's ``device``, else ``auto``. The device used is recorded under ``hardware``.
+    calibrate_after
+        Run the recipe's ``calibrate`` step once training has finished (False: leave it to a
+        later run with the same ``out``, e.g. on another machine).
+    calibrate_only
+        Train no further: (re)calibrate the best checkpoint of the run in ``out`` (one trained
+        elsewhere with ``calibrate_after=False``, or cut short by its machine's time limit).
+
+    Notes
+    -----
+    A recipe's ``loader_workers`` (default 0: batches made in this process) sets how many
+    DataLoader processes make the augmented batches (:class:`_BatchStream`); a GPU needs
+    several to be kept busy. The batch stream depends on that number, so it is part of the
+    recipe.
     """
     say = progress or (lambda m: log.info(m))
     rec = load_recipe(recipe)
@@ -441,7 +553,17 @@ def train(recipe: str | Path | dict, *, out: str | Path | None = None,
         model_cfg = dict(rec.get("model") or {})
         model = build_model(model_cfg)
         init_meta = None
-    model = model.to(memory_format=torch.channels_last_3d)  # faster oneDNN 3D convolutions
+    dev = _resolve_device(device if device is not None else rec.get("device"))
+    if dev.type == "cpu":
+        model = model.to(memory_format=torch.channels_last_3d)  # faster oneDNN 3D convolutions
+    else:
+        model = model.to(dev)
+        torch.backends.cudnn.benchmark = True
+    loader_workers = int(rec.get("loader_workers", 0))
+    say(("calibrating" if calibrate_only else "training") + f" on {dev.type}"
+        + (f" ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else "")
+        + (f", {loader_workers} batch worker(s)" if loader_workers and not calibrate_only
+           else ""))
     if patch % model.divisor:
         raise ConfigurationError(f"patch {patch} is not a multiple of {model.divisor}")
 
@@ -457,12 +579,20 @@ def train(recipe: str | Path | dict, *, out: str | Path | None = None,
         resume and last.is_file()) else None
     # a finished run re-run (e.g. to calibrate) needs no training data
     finished = st is not None and (int(st["step"]) >= steps or float(st["elapsed"]) >= budget_s)
+    if calibrate_only:
+        if st is None or not (out / f"{name}.pt").is_file():
+            raise MissingInputError(f"nothing to calibrate: no {name} run (last.pt and "
+                                    f"{name}.pt) in this folder", out)
+        if not rec.get("calibrate"):
+            raise ConfigurationError(f"recipe {name} has no calibrate step")
+        finished = True
     cases = [] if finished else _load_cases(
         tr_ref, work_mm, say, margin=crop // 4,
         hard=samp_cfg if float(samp_cfg.get("hard_fraction", 0)) > 0 else None, seed=seed)
-    val = _ValSet(va_ref, work_mm)
-    say(f"preprocessed {len(cases)} train + {len(val.items)} val scan(s) in "
-        f"{time.perf_counter() - t_load:.0f} s")
+    val = None if calibrate_only else _ValSet(va_ref, work_mm)
+    if val is not None:
+        say(f"preprocessed {len(cases)} train + {len(val.items)} val scan(s) in "
+            f"{time.perf_counter() - t_load:.0f} s")
 
     opt = torch.optim.Adam(model.parameters(), lr=float(rec.get("lr", 1e-3)),
                            weight_decay=float(rec.get("weight_decay", 0.0)))
@@ -475,12 +605,17 @@ def train(recipe: str | Path | dict, *, out: str | Path | None = None,
                        range_mm=tuple(float(v) for v in synth_cfg.get("range_mm", (1.5, 10.0))),
                        uniform_share=float(synth_cfg.get("uniform_share", 0.3)))
         say(f"rendered {len(bank)} synthetic CMBs in {bank.seconds:.0f} s")
-    sampler = None if finished else PatchSampler(
-        cases, crop, pos_fraction=float(samp_cfg.get("pos_fraction", 0.67)),
-        hard_fraction=float(samp_cfg.get("hard_fraction", 0.0)), seed=seed, bank=bank,
-        synth_fraction=float(synth_cfg.get("fraction", 0.0)),
-        synth_max=int(synth_cfg.get("max_per_crop", 2)),
-        synth_margin=int(synth_cfg.get("margin_vox", 10)))
+
+    def make_sampler(sampler_seed: int) -> PatchSampler:
+        return PatchSampler(
+            cases, crop, pos_fraction=float(samp_cfg.get("pos_fraction", 0.67)),
+            hard_fraction=float(samp_cfg.get("hard_fraction", 0.0)), seed=sampler_seed,
+            bank=bank, synth_fraction=float(synth_cfg.get("fraction", 0.0)),
+            synth_max=int(synth_cfg.get("max_per_crop", 2)),
+            synth_margin=int(synth_cfg.get("margin_vox", 10)))
+
+    # in-process batches (loader_workers 0): one sampler whose state is checkpointed
+    sampler = None if finished or loader_workers else make_sampler(seed)
     g = torch.Generator().manual_seed(seed)
     step, best, curve, elapsed0 = 0, -1.0, [], 0.0
     sampler_state = None
@@ -500,14 +635,18 @@ def train(recipe: str | Path | dict, *, out: str | Path | None = None,
     t0 = time.perf_counter() - elapsed0
     record_base = {
         "recipe": {k: v for k, v in rec.items() if not k.startswith("_")},
-        "recipe_file": _package_path(rec.get("_path"), RECIPES_DIR), "seed": seed, "init": None if init is None else {
+        "recipe_file": _package_path(rec.get("_path"), RECIPES_DIR), "seed": seed,
+        "init": None if init is None else {
             "path": _package_path(init, WEIGHTS_DIR), "sha256": (init_meta or {}).get("sha256")},
         "datasets": {"train": tr_ref.record(), "val": va_ref.record()},
         "command": ("cmbbench train --method ours --recipe " + name +
                     (f" --init {init}" if finetune else "") +
                     (f" --dataset {dataset}" if dataset else "") +
                     (f" --steps {steps_arg}" if steps_arg is not None else "") +
-                    (f" --max-minutes {minutes_arg:g}" if minutes_arg is not None else "")),
+                    (f" --max-minutes {minutes_arg:g}" if minutes_arg is not None else "") +
+                    (f" --device {device}" if device is not None else "") +
+                    ("" if calibrate_after else " --no-calibrate") +
+                    (" --calibrate-only" if calibrate_only else "")),
     }
     record_base["recipe"]["work_mm"] = work_mm
 
@@ -548,19 +687,30 @@ def train(recipe: str | Path | dict, *, out: str | Path | None = None,
                 "training_seconds": round(time.perf_counter() - t0, 1),
                 "hardware": _hardware()})
 
+    batches = None
+    if loader_workers and not finished:
+        batches = iter(torch.utils.data.DataLoader(
+            _BatchStream(make_sampler, batch, patch, aug_cfg, seed, step), batch_size=None,
+            num_workers=loader_workers, prefetch_factor=4, pin_memory=dev.type == "cuda"))
     model.train()
     running, n_run = 0.0, 0
     lr0 = float(rec.get("lr", 1e-3))
     poly = str(rec.get("lr_schedule", "constant")) == "poly"
-    while step < steps and time.perf_counter() - t0 < budget_s:
+    while not calibrate_only and step < steps and time.perf_counter() - t0 < budget_s:
         if poly:  # lr0 (1 - progress)^0.9, progress by steps or by the wall-clock budget
             frac = max(step / steps, (time.perf_counter() - t0) / budget_s)
             for grp in opt.param_groups:
                 grp["lr"] = lr0 * max(1.0 - frac, 0.02) ** 0.9
-        xb, yb = sampler.batch(batch)
-        xb, yb = augment_batch(torch.from_numpy(xb), torch.from_numpy(yb), patch, g,
-                               **{k: float(v) for k, v in aug_cfg.items()})
-        xb = xb.contiguous(memory_format=torch.channels_last_3d)
+        if batches is not None:
+            xb, yb = next(batches)
+        else:
+            xb, yb = sampler.batch(batch)
+            xb, yb = augment_batch(torch.from_numpy(xb), torch.from_numpy(yb), patch, g,
+                                   **{k: float(v) for k, v in aug_cfg.items()})
+        if dev.type == "cpu":
+            xb = xb.contiguous(memory_format=torch.channels_last_3d)
+        else:
+            xb, yb = xb.to(dev, non_blocking=True), yb.to(dev, non_blocking=True)
         loss = combined_loss(model(xb), yb, ce_weights=tuple(loss_cfg.get("ce_weights",
                                                                           (0.1, 5.0))),
                              alpha=float(loss_cfg.get("alpha", 0.5)),
@@ -583,7 +733,8 @@ def train(recipe: str | Path | dict, *, out: str | Path | None = None,
         if step % val_every == 0 or time.perf_counter() - last_val[0] > val_every_s:
             validate()
             checkpoint_state()
-    if not curve or curve[-1]["step"] != step:
+    del batches  # stops the batch workers
+    if not calibrate_only and (not curve or curve[-1]["step"] != step):
         validate()
         checkpoint_state()
     logf.close()
@@ -591,10 +742,11 @@ def train(recipe: str | Path | dict, *, out: str | Path | None = None,
     best_path = out / f"{name}.pt"
     meta = json.loads(best_path.with_suffix(".json").read_text())
     cal = rec.get("calibrate")
-    if cal and "operating" not in meta:
+    if cal and (calibrate_only or ("operating" not in meta and calibrate_after)):
         cal_ref = open_split(cal) if dataset is None else va_ref
         say(f"calibrating the operating point on {len(cal_ref.items)} {cal_ref.name} scan(s)")
         best_model, _ = load_checkpoint(best_path)
+        best_model = best_model.to(dev)
         meta["operating"] = calibrate(best_model, _ValSet(cal_ref, work_mm), infer_cfg,
                                       surfaces=tuple(float(x) for x in
                                                      cal.get("surfaces_mm", (2.0, 0.0))),
