@@ -356,9 +356,8 @@ def calibrate(model: torch.nn.Module, val: _ValSet, infer: dict, *,
     (saturated networks). Returns the ``operating`` record stored in the checkpoint JSON (with
     every variant's numbers, ``rules``, ``surface_mm`` and ``score``).
     """
-    from ...matching import MATCH_COLUMNS, get_rule
-    from ...metrics import scan_table
-    from ...scoring import ScoreResult, score_case
+    from ...matching import get_rule
+    from ...scoring import score_case
 
     say = progress or (lambda m: log.info(m))
     rule = get_rule("cmbbench")
@@ -397,30 +396,8 @@ def calibrate(model: torch.nn.Module, val: _ValSet, infer: dict, *,
     score_of = {sp[0]: sp[3] for sp in specs}
     for name, (tables, extras) in acc.items():
         meth._score = score_of[name]
-        ne = [t for t in tables if len(t)]
-        table = pd.concat(ne, ignore_index=True) if ne else pd.DataFrame(columns=MATCH_COLUMNS)
-        res = ScoreResult.from_tables(table, scan_table(table, ids, extra=pd.DataFrame(extras)),
-                                      rule, n_boot=0)
-        fr = res.froc
-        fr = fr[np.isfinite(fr["threshold"]) & (fr["threshold"] >= meth._level(meth.threshold))]
-        p_, r_ = fr["precision"].fillna(0).to_numpy(), fr["sensitivity"].fillna(0).to_numpy()
-        f1 = np.where(p_ + r_ > 0, 2 * p_ * r_ / np.maximum(p_ + r_, 1e-12), 0.0)
-        best = int(np.argmax(f1)) if len(f1) else -1
-        thr = 0.5
-        if best >= 0:
-            # halfway between the best-F1 candidate's score and the next lower score, so that
-            # rounding can never move that candidate across the operating point
-            t_best = float(fr["threshold"].iloc[best])
-            below = fr["threshold"][fr["threshold"] < t_best]
-            thr = 0.5 * (t_best + float(below.max())) if len(below) else t_best
-        variants[name] = {
-            "cpm": float(res.aggregates["cpm"]),
-            "f1_at_0.5": float(res.aggregates["f1_pooled"]),
-            "threshold": thr,
-            "f1": float(f1[best]) if best >= 0 else 0.0,
-            "precision": float(p_[best]) if best >= 0 else 0.0,
-            "recall": float(r_[best]) if best >= 0 else 0.0,
-            "fp_per_scan": float(fr["fp_per_scan"].iloc[best]) if best >= 0 else 0.0}
+        variants[name] = operating_point(tables, extras, ids, rule,
+                                         floor=meth._level(meth.threshold))
         say(f"calibration {name}: CPM {variants[name]['cpm']:.3f}, best F1 "
             f"{variants[name]['f1']:.3f} at threshold {variants[name]['threshold']:.6f}")
     chosen = max(names, key=lambda n: (np.nan_to_num(variants[n]["cpm"], nan=-1.0),
@@ -436,6 +413,43 @@ def calibrate(model: torch.nn.Module, val: _ValSet, infer: dict, *,
           "dataset": {"name": val.ref.name, "version": val.ref.version},
           "seconds": round(time.perf_counter() - t0, 1)}
     return op
+
+
+def operating_point(tables: list[pd.DataFrame], extras: list[dict], ids: list[str],
+                    rule, *, floor: float) -> dict:  # noqa: ANN001
+    """CPM of per-scan match ``tables`` and the operating threshold that maximises the pooled
+    F1 (candidate scores at or above ``floor`` only).
+
+    The threshold lies halfway between the best-F1 candidate's score and the next lower
+    score, so that rounding can never move that candidate across the operating point.
+    Returns ``cpm``, ``f1_at_0.5``, ``threshold``, and ``f1``/``precision``/``recall``/
+    ``fp_per_scan`` at that threshold.
+    """
+    from ...matching import MATCH_COLUMNS
+    from ...metrics import scan_table
+    from ...scoring import ScoreResult
+
+    ne = [t for t in tables if len(t)]
+    table = pd.concat(ne, ignore_index=True) if ne else pd.DataFrame(columns=MATCH_COLUMNS)
+    res = ScoreResult.from_tables(table, scan_table(table, ids, extra=pd.DataFrame(extras)),
+                                  rule, n_boot=0)
+    fr = res.froc
+    fr = fr[np.isfinite(fr["threshold"]) & (fr["threshold"] >= floor)]
+    p_, r_ = fr["precision"].fillna(0).to_numpy(), fr["sensitivity"].fillna(0).to_numpy()
+    f1 = np.where(p_ + r_ > 0, 2 * p_ * r_ / np.maximum(p_ + r_, 1e-12), 0.0)
+    best = int(np.argmax(f1)) if len(f1) else -1
+    thr = 0.5
+    if best >= 0:
+        t_best = float(fr["threshold"].iloc[best])
+        below = fr["threshold"][fr["threshold"] < t_best]
+        thr = 0.5 * (t_best + float(below.max())) if len(below) else t_best
+    return {"cpm": float(res.aggregates["cpm"]),
+            "f1_at_0.5": float(res.aggregates["f1_pooled"]),
+            "threshold": thr,
+            "f1": float(f1[best]) if best >= 0 else 0.0,
+            "precision": float(p_[best]) if best >= 0 else 0.0,
+            "recall": float(r_[best]) if best >= 0 else 0.0,
+            "fp_per_scan": float(fr["fp_per_scan"].iloc[best]) if best >= 0 else 0.0}
 
 
 def _lesion_frame(lesions: pd.DataFrame, sid: str) -> pd.DataFrame:
@@ -516,6 +530,12 @@ def train(recipe: str | Path | dict, *, out: str | Path | None = None,
     """
     say = progress or (lambda m: log.info(m))
     rec = load_recipe(recipe)
+    if str(rec.get("stage", "unet")) == "classifier":
+        # second stage: the U-Net of ``init`` stays as it is (steps, device and calibration
+        # flags do not apply; a re-run reuses its per-scan candidate cache)
+        from .train_classifier import train_classifier
+
+        return train_classifier(rec, out=out, init=init, dataset=dataset, progress=say)
     finetune = init is not None
     if init is None and rec.get("init"):
         # a recipe that continues a shipped checkpoint names it (a bare file name: the
