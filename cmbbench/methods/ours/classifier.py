@@ -33,8 +33,11 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-__all__ = ["FEATURES", "CandidateClassifier", "candidate_features", "fit_classifier",
-           "rescore_map"]
+from .infer import extract_candidates
+from .postprocess import TissueMaps, tissue_maps
+
+__all__ = ["FEATURES", "CandidateClassifier", "candidate_features", "describe_candidates",
+           "fit_classifier", "rescore_map"]
 
 #: feature names, in column order (units in :func:`candidate_features`)
 FEATURES: tuple[str, ...] = (
@@ -201,6 +204,22 @@ def candidate_features(image: np.ndarray, mask: np.ndarray, prob: np.ndarray,
             float(m_img.min()) - med, float(m_prob.max()),
             sp[0], sp[-1])
     return np.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def describe_candidates(prob: np.ndarray, logodds: np.ndarray, pre, *,  # noqa: ANN001
+                        threshold: float = 0.1, surface_mm: float = 0.0
+                        ) -> tuple[np.ndarray, list[dict], TissueMaps, np.ndarray]:
+    """The U-Net's candidates on the working grid of ``pre`` (a :class:`.preprocess.
+    Preprocessed`) and their features: candidate label map and rows
+    (:func:`.infer.extract_candidates` of ``prob > threshold``), the tissue maps of
+    :func:`.postprocess.tissue_maps` (``surface_mm`` band) and :func:`candidate_features`.
+    Shared by the plugin and the classifier's training so that both see the same features."""
+    lab, rows = extract_candidates(prob, threshold=threshold, min_score=min(0.05, threshold))
+    tissue = tissue_maps(pre.image, pre.mask, pre.work_mm, surface_mm=surface_mm)
+    feats = candidate_features(pre.image, pre.mask, prob, logodds, lab, rows, csf=tissue.csf,
+                               spacing_mm=pre.work_mm,
+                               native_spacing_mm=tuple(float(v) for v in pre.spacing_ras))
+    return lab, rows, tissue, feats
 
 
 class CandidateClassifier(torch.nn.Module):

@@ -26,14 +26,14 @@ import torch
 from ...errors import ConfigurationError
 from ..api import Method, Prediction, Requirements, ScanInput
 from . import DEFAULT_CHECKPOINT
-from .classifier import FEATURES, CandidateClassifier, candidate_features, rescore_map
+from .classifier import FEATURES, CandidateClassifier, describe_candidates, rescore_map
 from .infer import extract_candidates, sliding_window, tempered, tempered_threshold
 from .postprocess import keep_candidate, parse_rules, tissue_maps
 from .preprocess import preprocess, to_native, work_to_native_index
 from .unet import UNet3D
 
-__all__ = ["Ours", "load_checkpoint", "load_ours", "operating_remap", "save_checkpoint", "sha256_of",
-           "verified_record"]
+__all__ = ["Ours", "load_checkpoint", "load_ours", "operating_remap", "save_checkpoint",
+           "sha256_of", "verified_record"]
 
 log = logging.getLogger(__name__)
 
@@ -337,12 +337,9 @@ class Ours(Method):
         classifier (``score``; the U-Net's peak probability stays as ``unet_score``) and its
         component rescaled so that its peak equals the new score; voxels outside the
         candidates are 0."""
-        lab, rows = extract_candidates(prob, threshold=self.threshold,
-                                       min_score=min(0.05, self.threshold))
-        tissue = tissue_maps(pre.image, pre.mask, pre.work_mm, surface_mm=self.surface_mm)
-        feats = candidate_features(pre.image, pre.mask, prob, logodds, lab, rows,
-                                   csf=tissue.csf, spacing_mm=pre.work_mm,
-                                   native_spacing_mm=tuple(float(v) for v in pre.spacing_ras))
+        lab, rows, tissue, feats = describe_candidates(prob, logodds, pre,
+                                                       threshold=self.threshold,
+                                                       surface_mm=self.surface_mm)
         scores = self.clf.predict(feats)
         before = rescore_map(prob, lab, rows, scores)
         for r, s in zip(rows, scores):

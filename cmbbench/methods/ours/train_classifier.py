@@ -36,10 +36,10 @@ from scipy import ndimage
 
 from ...errors import ConfigurationError
 from . import WEIGHTS_DIR
-from .classifier import FEATURES, CandidateClassifier, candidate_features, fit_classifier
-from .infer import extract_candidates, sliding_window
+from .classifier import FEATURES, CandidateClassifier, describe_candidates, fit_classifier
+from .infer import sliding_window
 from .plugin import Ours, load_checkpoint, save_checkpoint
-from .postprocess import keep_candidate, parse_rules, tissue_maps
+from .postprocess import keep_candidate, parse_rules
 from .preprocess import Preprocessed, preprocess, resample_labels
 
 __all__ = ["ScanCandidates", "scan_candidates", "train_classifier"]
@@ -108,11 +108,7 @@ def scan_candidates(model: torch.nn.Module, pre: Preprocessed, scan_id: str, *,
     ``ref_work``: the reference label map on the working grid (None: ``y`` is -1)."""
     prob, logodds = sliding_window(model, pre.image, pre.mask, patch=patch, overlap=overlap,
                                    output="both")
-    lab, rows = extract_candidates(prob, threshold=threshold, min_score=min(0.05, threshold))
-    tissue = tissue_maps(pre.image, pre.mask, pre.work_mm, surface_mm=0.0)
-    feats = candidate_features(pre.image, pre.mask, prob, logodds, lab, rows, csf=tissue.csf,
-                               spacing_mm=pre.work_mm,
-                               native_spacing_mm=tuple(float(v) for v in pre.spacing_ras))
+    lab, rows, tissue, feats = describe_candidates(prob, logodds, pre, threshold=threshold)
     kept = [keep_candidate(tissue, (r["i"], r["j"], r["k"]), rules=rules)[0] for r in rows]
     if ref_work is not None:
         dil = ndimage.grey_dilation(ref_work, size=(3, 3, 3))
