@@ -36,8 +36,8 @@ from scipy import ndimage
 from .infer import extract_candidates
 from .postprocess import TissueMaps, tissue_maps
 
-__all__ = ["FEATURES", "CandidateClassifier", "candidate_features", "describe_candidates",
-           "fit_classifier", "rescore_map"]
+__all__ = ["FEATURES", "CandidateClassifier", "candidate_features", "component_scales",
+           "describe_candidates", "fit_classifier", "rescore_map"]
 
 #: feature names, in column order (units in :func:`candidate_features`)
 FEATURES: tuple[str, ...] = (
@@ -304,12 +304,22 @@ def fit_classifier(x: np.ndarray, y: np.ndarray, *, hidden: tuple[int, ...] = (1
     return clf
 
 
+def component_scales(labels: np.ndarray, peaks: np.ndarray, scores: np.ndarray,
+                     n_labels: int) -> np.ndarray:
+    """Per-label factors (float32, ``n_labels`` entries, 0 for unlisted labels) that move
+    component ``labels[q]``'s peak probability ``peaks[q]`` onto ``scores[q]``."""
+    scale = np.zeros(int(n_labels), np.float32)
+    peaks = np.asarray(peaks, float)
+    if len(peaks):
+        scale[np.asarray(labels, int)] = np.where(
+            peaks > 0, np.asarray(scores, float) / np.maximum(peaks, 1e-12), 0.0)
+    return scale
+
+
 def rescore_map(prob: np.ndarray, labels: np.ndarray, rows: list[dict],
                 scores: np.ndarray) -> np.ndarray:
     """The map whose component ``rows[q]['label']`` is rescaled so that its peak equals
     ``scores[q]`` (shape kept); voxels outside the listed components are 0."""
-    scale = np.zeros(int(labels.max()) + 1, np.float32)
-    for r, s in zip(rows, scores):
-        peak = float(r["score"])
-        scale[r["label"]] = float(s) / peak if peak > 0 else 0.0
+    scale = component_scales([r["label"] for r in rows], [r["score"] for r in rows], scores,
+                             int(labels.max()) + 1)
     return (prob * scale[labels]).astype(np.float32)

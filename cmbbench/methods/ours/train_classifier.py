@@ -36,7 +36,8 @@ from scipy import ndimage
 
 from ...errors import ConfigurationError
 from . import WEIGHTS_DIR
-from .classifier import FEATURES, CandidateClassifier, describe_candidates, fit_classifier
+from .classifier import (FEATURES, CandidateClassifier, component_scales, describe_candidates,
+                         fit_classifier)
 from .infer import sliding_window
 from .plugin import Ours, load_checkpoint, save_checkpoint
 from .postprocess import keep_candidate, parse_rules
@@ -89,12 +90,11 @@ class ScanCandidates:
     def rebuild(self, scores: np.ndarray) -> np.ndarray:
         """Working-grid map of the components, each rescaled so its peak is its new score."""
         out = np.zeros(int(np.prod(self.shape)), np.float32)
-        if len(self.rows):
-            scale = np.zeros(int(self.rows["label"].max()) + 1, np.float32)
-            peak = self.rows["score"].to_numpy(float)
-            scale[self.rows["label"].to_numpy()] = np.where(peak > 0, scores / np.maximum(
-                peak, 1e-12), 0.0)
-            idx, prob, lab = self.vox
+        idx, prob, lab = self.vox
+        if len(self.rows) and len(idx):
+            n = int(max(lab.max(), self.rows["label"].max())) + 1
+            scale = component_scales(self.rows["label"].to_numpy(),
+                                     self.rows["score"].to_numpy(float), scores, n)
             out[idx] = prob * scale[lab]
         return out.reshape(self.shape)
 
