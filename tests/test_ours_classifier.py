@@ -134,17 +134,17 @@ def test_scan_candidates_cache_round_trip(tmp_path):
     assert m.ravel()[9] == pytest.approx(0.9) and m.sum() == pytest.approx(0.45 + 1.0 + 0.9)
 
 
-def _cls_dataset(root: Path) -> Path:
-    """Six small scans in a head-like ellipsoid, each with three dark spheres (CMBs), two dark
-    tubes (veins) and a bilateral pair of dark spheres (calcification-like), the last two
-    unlabelled."""
+def _cls_dataset(root: Path, name: str = "TINYCLS", seeds: range = range(6)) -> Path:
+    """Small scans (one per seed) in a head-like ellipsoid, each with three dark spheres
+    (CMBs), two dark tubes (veins) and a bilateral pair of dark spheres (calcification-like),
+    the last two unlabelled."""
     from cmbbench.dataset import DatasetWriter
     from cmbbench.harmonize import lesions_from_labels
     from cmbbench.model import ScanInfo
 
-    w = DatasetWriter(root, name="TINYCLS", version="1")
+    w = DatasetWriter(root, name=name, version="1")
     shape, sp = (72, 72, 32), (1.0, 1.0, 2.0)
-    for s in range(6):
+    for s in seeds:
         rng = np.random.default_rng(s)
         mask, g = _head(shape)
         img = np.where(mask, 1.0, 0.03).astype(np.float32)
@@ -180,7 +180,7 @@ def test_classifier_stage_trains_calibrates_and_is_used(tmp_path):
     from cmbbench.methods.ours.train import load_recipe
 
     ds = _cls_dataset(tmp_path / "cls")
-    rec = {k: v for k, v in load_recipe("ours-synth-v6").items() if not k.startswith("_")}
+    rec = {k: v for k, v in load_recipe("ours-synth-v7").items() if not k.startswith("_")}
     assert rec["stage"] == "classifier"
     rec["classifier"] = {**rec["classifier"], "epochs": 100}
     rec["infer"] = {"threshold": 0.02}
@@ -228,6 +228,46 @@ def test_classifier_stage_trains_calibrates_and_is_used(tmp_path):
     assert not np.allclose(np.sort(p_on.candidates["score"]), np.sort(p_off.candidates["score"]))
 
 
+def test_classifier_stage_pools_several_train_splits(tmp_path, monkeypatch):
+    """A recipe whose ``train`` is a list of registry splits pools their candidates, records
+    each split, and refuses a scan shared with the calibration split."""
+    import yaml
+
+    from cmbbench.methods.ours.train import load_recipe
+    from cmbbench.methods.ours.train_classifier import train_classifier
+
+    reg, home = tmp_path / "registry", tmp_path / "home"
+    reg.mkdir()
+    monkeypatch.setenv("CMBBENCH_REGISTRY", str(reg))
+    monkeypatch.setenv("CMBBENCH_HOME", str(home))
+    for name, seeds in (("TINYA", range(0, 2)), ("TINYB", range(2, 4)), ("TINYC", range(4, 6))):
+        (reg / f"{name}.yaml").write_text(yaml.safe_dump(
+            {"name": name, "version": "1", "kind": "real"}))
+        _cls_dataset(home / "datasets" / f"{name}-v1", name, seeds)
+    rec = {k: v for k, v in load_recipe("ours-synth-v7").items() if not k.startswith("_")}
+    assert isinstance(rec["train"], list) and len(rec["train"]) == 2
+    rec["classifier"] = {**rec["classifier"], "epochs": 50, "members": 2}
+    rec["infer"] = {"threshold": 0.02}
+    rec["train"] = [{"dataset": "TINYA", "version": "1"}, {"dataset": "TINYB", "version": "1"}]
+    rec["calibrate"] = {"dataset": "TINYC", "version": "1"}
+    ck = train_classifier(rec, out=tmp_path / "run", init=DEFAULT_CHECKPOINT)
+    meta = json.loads(ck.with_suffix(".json").read_text())
+    got = meta["datasets"]["classifier_train"]
+    assert got["name"] == "TINYA+TINYB" and [p["name"] for p in got["parts"]] == ["TINYA",
+                                                                                  "TINYB"]
+    assert got["scan_ids"] == ["cls-0", "cls-1", "cls-2", "cls-3"]
+    assert meta["datasets"]["calibrate"]["scan_ids"] == ["cls-4", "cls-5"]
+    assert meta["classifier"]["n_scans"] == 4
+    assert len(list((tmp_path / "run" / "candidates").glob("*.npz"))) == 6
+    # the same scans in a train and the calibration split: refused before any work
+    rec["train"] = [{"dataset": "TINYA", "version": "1"}, {"dataset": "TINYC", "version": "1"}]
+    with pytest.raises(ConfigurationError, match="in both the train and the calibrate"):
+        train_classifier(rec, out=tmp_path / "run2", init=DEFAULT_CHECKPOINT)
+    rec["train"] = "TINYA"
+    with pytest.raises(ConfigurationError, match="or a list of them"):
+        train_classifier(rec, out=tmp_path / "run3", init=DEFAULT_CHECKPOINT)
+
+
 def test_classifier_checkpoint_integrity(tmp_path):
     from cmbbench.methods.ours.classifier import CandidateClassifier
 
@@ -252,3 +292,9 @@ def test_classifier_checkpoint_integrity(tmp_path):
     with pytest.raises(ConfigurationError, match="no second-stage classifier"):
         Ours(checkpoint=str(DEFAULT_CHECKPOINT.parent / "ours-synth-v4.pt"),
              classifier=True).load()
+    # the U-Net's tempered log-odds as the score: only without the classifier
+    with pytest.raises(ConfigurationError, match="add classifier=false"):
+        Ours(score="logit").load()
+    unet_only = Ours(score="logit", classifier=False)
+    unet_only.load()
+    assert unet_only.score == "logit" and not unet_only.use_classifier

@@ -2,8 +2,8 @@
 recipes, run by ``cmbbench train --method ours --recipe NAME``).
 
 The U-Net of the recipe's ``init`` checkpoint (sha256-checked, unchanged) is run on every scan
-of the recipe's ``train`` split, which the U-Net has not been trained on (SYNTH-train2 for the
-shipped recipe: stacking on held-out data). Its candidates are described by
+of the recipe's ``train`` split (or list of splits, pooled), which the U-Net has not been
+trained on (SYNTH-train2 and SYNTH-train3 for the shipped recipe: stacking on held-out data). Its candidates are described by
 :func:`.classifier.candidate_features` and labelled by the reference: a candidate whose peak
 lies in a reference lesion's mask dilated by one working-grid voxel is a CMB. A
 :class:`.classifier.CandidateClassifier` is fitted on the candidates that pass the U-Net's
@@ -214,6 +214,28 @@ def _score_variants(val_scans: list[ScanCandidates], val, clf: CandidateClassifi
     return out
 
 
+def _train_specs(rec: dict) -> list[dict]:
+    """The recipe's ``train`` entry as a list of split specs (one mapping, or a list of them:
+    their candidates are pooled)."""
+    spec = rec.get("train")
+    specs = spec if isinstance(spec, list) else [spec or {}]
+    if not specs or not all(isinstance(s, dict) for s in specs):
+        raise ConfigurationError(f"recipe {rec.get('name')}: train is a split "
+                                 "({dataset, version, max_scans}) or a list of them")
+    return specs
+
+
+def _train_record(refs: list) -> dict:  # noqa: ANN001 - list[DataRef]
+    """Record of the classifier's training scans: one split's record, or for several the
+    joined name, each split's record (``parts``) and all scan ids."""
+    if len(refs) == 1:
+        return refs[0].record()
+    parts = [r.record() for r in refs]
+    return {"name": "+".join(p["name"] for p in parts),
+            "version": "+".join(p["version"] for p in parts), "parts": parts,
+            "scan_ids": [s for p in parts for s in p["scan_ids"]]}
+
+
 def train_classifier(rec: dict, *, out: str | Path | None = None,
                      init: str | Path | None = None, dataset: str | Path | None = None,
                      progress: Callable[[str], None] | None = None) -> Path:
@@ -240,19 +262,25 @@ def train_classifier(rec: dict, *, out: str | Path | None = None,
     work_mm = float(init_meta.get("recipe", {}).get("work_mm", 1.0))
     op0 = init_meta.get("operating") or {}
     rules = parse_rules(op0.get("rules")) if op0.get("postprocess", True) else ()
+    specs = _train_specs(rec)
     if dataset is not None:
-        tr_ref, cal_ref = _split_dataset(dataset, seed, (rec.get("train") or {}).get(
-            "max_scans"))
+        max_scans = [s.get("max_scans") for s in specs]
+        tr_ref, cal_ref = _split_dataset(dataset, seed, None if None in max_scans
+                                         else sum(int(v) for v in max_scans))
+        tr_refs = [tr_ref]
     else:
-        tr_ref = open_split(rec["train"])
+        tr_refs = [open_split(s) for s in specs]
         cal_ref = open_split(rec["calibrate"])
-    overlap = {i[0] for i in tr_ref.items} & {i[0] for i in cal_ref.items}
+    tr_ids = [i[0] for r in tr_refs for i in r.items]
+    if len(set(tr_ids)) < len(tr_ids):
+        raise ConfigurationError(f"recipe {name}: the train splits share scans")
+    overlap = set(tr_ids) & {i[0] for i in cal_ref.items}
     if overlap:
         raise ConfigurationError(f"recipe {name}: {len(overlap)} scan(s) in both the train and "
                                  "the calibrate split")
     trained_on = {s for d in (init_meta.get("datasets") or {}).values() if isinstance(d, dict)
                   for s in d.get("scan_ids", [])}
-    seen = sorted(trained_on & {i[0] for i in tr_ref.items})
+    seen = sorted(trained_on & set(tr_ids))
     if seen:
         say(f"warning: {len(seen)} classifier training scan(s) were seen by the U-Net "
             f"(e.g. {seen[0]}); its candidates there are optimistic")
@@ -261,15 +289,17 @@ def train_classifier(rec: dict, *, out: str | Path | None = None,
            f"rules {','.join(rules)}|work {work_mm}")
     t0 = time.perf_counter()
     torch.manual_seed(seed)
-    tr_scans = _cached_candidates(model, tr_ref, out / "candidates", key, work_mm=work_mm,
-                                  infer=infer, rules=rules, say=say)
+    tr_scans = [sc for r in tr_refs
+                for sc in _cached_candidates(model, r, out / "candidates", key,
+                                             work_mm=work_mm, infer=infer, rules=rules,
+                                             say=say)]
     x, y = _training_matrix(tr_scans)
     n_all = sum(len(sc.rows) for sc in tr_scans)
     say(f"{len(x)} training candidate(s) ({int(y.sum())} CMBs) of {n_all} from "
         f"{len(tr_scans)} scan(s)")
     if len(np.unique(y)) < 2:
-        raise ConfigurationError(f"recipe {name}: the U-Net's candidates on {tr_ref.name} are "
-                                 "all of one class (CMB or not); the classifier needs both "
+        raise ConfigurationError(f"recipe {name}: the U-Net's candidates on "
+                                 f"{'+'.join(r.name for r in tr_refs)} are all of one class (CMB or not); the classifier needs both "
                                  "(more or other training scans)")
     t_fit = time.perf_counter()
     clf = fit_ensemble(x, y, cfg, seed)
@@ -302,7 +332,8 @@ def train_classifier(rec: dict, *, out: str | Path | None = None,
         "stage": "classifier", "seed": seed,
         "init": {"path": _package_path(init, WEIGHTS_DIR) or str(init), "sha256": init_sha,
                  "recipe": (init_meta.get("recipe") or {}).get("name")},
-        "datasets": {"classifier_train": tr_ref.record(), "calibrate": cal_ref.record()},
+        "datasets": {"classifier_train": _train_record(tr_refs),
+                     "calibrate": cal_ref.record()},
         "unet_datasets": init_meta.get("datasets"),
         "classifier": {"features": list(FEATURES), "features_version": FEATURES_VERSION,
                        "settings": cfg, "n_candidates": int(len(x)),
