@@ -3,9 +3,10 @@ recipes, run by ``cmbbench train --method ours --recipe NAME``).
 
 The U-Net of the recipe's ``init`` checkpoint (sha256-checked, unchanged) is run on every scan
 of the recipe's ``train`` split (or list of splits, pooled), which the U-Net has not been
-trained on (SYNTH-train2 and SYNTH-train3 for the shipped recipe: stacking on held-out data). Its candidates are described by
-:func:`.classifier.candidate_features` and labelled by the reference: a candidate whose peak
-lies in a reference lesion's mask dilated by one working-grid voxel is a CMB. A
+trained on (SYNTH-train2 and SYNTH-train3 for the shipped recipe: stacking on held-out data).
+Its candidates are described by :func:`.classifier.candidate_features` and labelled by the
+reference: a candidate whose peak lies in a reference lesion's mask dilated by one working-grid
+voxel is a CMB. A
 :class:`.classifier.CandidateClassifier` is fitted on the candidates that pass the U-Net's
 location rules. On the ``calibrate`` split (SYNTH-val) the classifier's scores and the U-Net's
 own are compared by CPM (cmbbench scoring on the native grid); the better one is kept and its
@@ -299,8 +300,9 @@ def train_classifier(rec: dict, *, out: str | Path | None = None,
         f"{len(tr_scans)} scan(s)")
     if len(np.unique(y)) < 2:
         raise ConfigurationError(f"recipe {name}: the U-Net's candidates on "
-                                 f"{'+'.join(r.name for r in tr_refs)} are all of one class (CMB or not); the classifier needs both "
-                                 "(more or other training scans)")
+                                 f"{'+'.join(r.name for r in tr_refs)} are all of one class "
+                                 "(CMB or not); the classifier needs both (more or other "
+                                 "training scans)")
     t_fit = time.perf_counter()
     clf = fit_ensemble(x, y, cfg, seed)
     fit_s = time.perf_counter() - t_fit
