@@ -487,6 +487,19 @@ def test_location_rule_subsets():
     assert o.rules == ("mask", "csf")
 
 
+def test_inference_settings_default_to_the_checkpoints():
+    """Candidate threshold, tile and overlap: explicit parameters, else the checkpoint's
+    recorded ``recipe.infer`` (what its operating point was calibrated with), else 0.1/96/0.15."""
+    bare = Ours()
+    assert (bare.threshold, bare.patch, bare.overlap) == (0.1, 96, 0.15)
+    o = Ours()
+    o.meta = {"recipe": {"infer": {"threshold": 0.02, "patch": 64, "overlap": 0.5}}}
+    assert (o.threshold, o.patch, o.overlap) == (0.02, 64, 0.5)
+    given = Ours(threshold="0.3", patch="80", overlap=0.25)
+    given.meta = o.meta
+    assert (given.threshold, given.patch, given.overlap) == (0.3, 80, 0.25)
+
+
 def test_preprocessing_workers_do_not_change_the_cases(tmp_path):
     """Scans preprocessed by 2 processes give the same cases (arrays and random hard-negative
     centres) as in one process."""

@@ -216,10 +216,13 @@ def test_classifier_stage_trains_calibrates_and_is_used(tmp_path):
 
     vol = read_volume(ds / "images" / "cls-0.nii.gz")
     scan = ScanInput("cls-0", np.asarray(vol.data), vol.affine, sequence="T2S")
-    on = Ours(checkpoint=str(best), classifier=True, threshold=0.02)
-    off = Ours(checkpoint=str(best), classifier=False, threshold=0.02)
+    on = Ours(checkpoint=str(best), classifier=True)
+    off = Ours(checkpoint=str(best), classifier=False)
     p_on, p_off = on.predict(scan), off.predict(scan)
     assert on.use_classifier and not off.use_classifier
+    # the candidate threshold the checkpoint was calibrated with (the recipe's), unless given
+    assert on.threshold == off.threshold == 0.02
+    assert Ours(checkpoint=str(best), threshold=0.3).threshold == 0.3
     assert off.operating_threshold == pytest.approx(
         meta["operating"]["variants"]["unet"]["threshold"])
     assert on.operating_threshold == pytest.approx(

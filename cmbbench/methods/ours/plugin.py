@@ -203,8 +203,9 @@ class Ours(Method):
     requirements = Requirements(sequences=("SWI", "T2S"), trainable=True, torch=True)
 
     def __init__(self, checkpoint: str | None = None, tta: bool = False,
-                 postprocess: bool | None = None, threshold: float = 0.1, patch: int = 96,
-                 overlap: float = 0.15, threads: int = 0, surface_mm: float | None = None,
+                 postprocess: bool | None = None, threshold: float | None = None,
+                 patch: int | None = None, overlap: float | None = None, threads: int = 0,
+                 surface_mm: float | None = None,
                  operating_threshold: float | None = None, rules: str | None = None,
                  score: str | None = None, classifier: bool | None = None,
                  **params: object) -> None:
@@ -217,9 +218,11 @@ class Ours(Method):
         self.checkpoint = Path(checkpoint) if checkpoint else DEFAULT_CHECKPOINT
         self.tta = _as_bool(tta)
         self.postprocess = None if postprocess is None else _as_bool(postprocess)
-        self.threshold = float(threshold)
-        self.patch = int(patch)
-        self.overlap = float(overlap)
+        # None: the inference settings the checkpoint was calibrated with (``recipe.infer`` in
+        # its JSON), else 0.1 / 96 / 0.15
+        self._threshold = None if threshold is None else float(threshold)
+        self._patch = None if patch is None else int(patch)
+        self._overlap = None if overlap is None else float(overlap)
         self.threads = int(threads)
         # None: the checkpoint's validated choice (``operating`` in its JSON), else 2 mm / 0.5
         self._surface_mm = None if surface_mm is None else float(surface_mm)
@@ -249,6 +252,29 @@ class Ours(Method):
                                          "(add classifier=false)", self.checkpoint)
         if self.threads > 0:
             torch.set_num_threads(self.threads)
+
+    def _infer_setting(self, key: str, default: float) -> float:
+        return float((self.meta.get("recipe", {}).get("infer") or {}).get(key, default))
+
+    @property
+    def threshold(self) -> float:
+        """Probability above which connected voxels form a candidate (default: the one the
+        checkpoint's operating threshold and classifier were calibrated with, else 0.1)."""
+        return self._threshold if self._threshold is not None else self._infer_setting(
+            "threshold", 0.1)
+
+    @property
+    def patch(self) -> int:
+        """Sliding-window tile edge (working-grid voxels; default: the checkpoint's, else
+        96)."""
+        return self._patch if self._patch is not None else int(self._infer_setting("patch", 96))
+
+    @property
+    def overlap(self) -> float:
+        """Sliding-window tile overlap (fraction of the tile; default: the checkpoint's, else
+        0.15)."""
+        return self._overlap if self._overlap is not None else self._infer_setting(
+            "overlap", 0.15)
 
     @property
     def use_classifier(self) -> bool:
