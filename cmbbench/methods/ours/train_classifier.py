@@ -147,9 +147,9 @@ def _cached_candidates(model: torch.nn.Module, ref, cache: Path, key: str, *,  #
             ref_work = None
             if lp is not None and Path(lp).is_file():
                 ref_work = resample_labels(np.asarray(read_volume(lp).data), affine, pre)
-            sc = scan_candidates(model, pre, sid, threshold=float(infer.get("threshold", 0.1)),
-                                 rules=rules, patch=int(infer.get("patch", 96)),
-                                 overlap=float(infer.get("overlap", 0.15)), ref_work=ref_work)
+            sc = scan_candidates(model, pre, sid, threshold=float(infer["threshold"]),
+                                 rules=rules, patch=int(infer["patch"]),
+                                 overlap=float(infer["overlap"]), ref_work=ref_work)
             sc.save(path, key)
             made += 1
         out.append(sc)
@@ -259,7 +259,10 @@ def train_classifier(rec: dict, *, out: str | Path | None = None,
     init_sha = str(init_meta["sha256"])
     seed = int(rec.get("seed", 0))
     cfg = dict(rec.get("classifier") or {})
-    infer = {**(init_meta.get("recipe", {}).get("infer") or {}), **(rec.get("infer") or {})}
+    # candidate threshold, tile and overlap: the recipe's, else the U-Net's, else the defaults
+    infer = {"patch": 96, "overlap": 0.15, "threshold": 0.1,
+             **(init_meta.get("recipe", {}).get("infer") or {}), **(rec.get("infer") or {})}
+    cand_thr = float(infer["threshold"])
     work_mm = float(init_meta.get("recipe", {}).get("work_mm", 1.0))
     op0 = init_meta.get("operating") or {}
     rules = parse_rules(op0.get("rules")) if op0.get("postprocess", True) else ()
@@ -285,8 +288,8 @@ def train_classifier(rec: dict, *, out: str | Path | None = None,
     if seen:
         say(f"warning: {len(seen)} classifier training scan(s) were seen by the U-Net "
             f"(e.g. {seen[0]}); its candidates there are optimistic")
-    key = (f"{init_sha}|features {FEATURES_VERSION}|threshold {infer.get('threshold', 0.1)}|"
-           f"patch {infer.get('patch', 96)}|overlap {infer.get('overlap', 0.15)}|"
+    key = (f"{init_sha}|features {FEATURES_VERSION}|threshold {infer['threshold']}|"
+           f"patch {infer['patch']}|overlap {infer['overlap']}|"
            f"rules {','.join(rules)}|work {work_mm}")
     t0 = time.perf_counter()
     torch.manual_seed(seed)
@@ -314,16 +317,14 @@ def train_classifier(rec: dict, *, out: str | Path | None = None,
     pres = {sid: (pre, affine) for sid, pre, affine, _, _, _ in val.items}
     val_scans = _cached_candidates(model, cal_ref, out / "candidates", key, work_mm=work_mm,
                                    infer=infer, rules=rules, say=say, pres=pres)
-    meth = Ours(threshold=float(infer.get("threshold", 0.1)))
-    variants = _score_variants(val_scans, val, clf, meth, float(infer.get("threshold", 0.1)),
-                               say)
+    meth = Ours(threshold=cand_thr)
+    variants = _score_variants(val_scans, val, clf, meth, cand_thr, say)
     chosen = max(("unet", "classifier"), key=lambda n: (np.nan_to_num(
         variants[n]["cpm"], nan=-1.0), n == "unet"))
     v = variants[chosen]
     operating = {"postprocess": bool(rules), "surface_mm": float(op0.get("surface_mm", 0.0)),
                  "rules": list(rules), "score": "prob", "classifier": chosen == "classifier",
-                 "threshold": float(np.clip(v["threshold"], float(infer.get("threshold", 0.1)),
-                                            1.0 - 1e-6)),
+                 "threshold": float(np.clip(v["threshold"], cand_thr, 1.0 - 1e-6)),
                  "chosen": chosen, "variants": variants, "scans": [i[0] for i in val.items],
                  "rule": "cmbbench",
                  "dataset": {"name": cal_ref.name, "version": cal_ref.version}}
