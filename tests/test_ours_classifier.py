@@ -180,7 +180,7 @@ def test_classifier_stage_trains_calibrates_and_is_used(tmp_path):
     from cmbbench.methods.ours.train import load_recipe
 
     ds = _cls_dataset(tmp_path / "cls")
-    rec = {k: v for k, v in load_recipe("ours-synth-v7").items() if not k.startswith("_")}
+    rec = {k: v for k, v in load_recipe("ours-synth-v8").items() if not k.startswith("_")}
     assert rec["stage"] == "classifier"
     rec["classifier"] = {**rec["classifier"], "epochs": 100}
     rec["infer"] = {"threshold": 0.02}
@@ -247,8 +247,8 @@ def test_classifier_stage_pools_several_train_splits(tmp_path, monkeypatch):
         (reg / f"{name}.yaml").write_text(yaml.safe_dump(
             {"name": name, "version": "1", "kind": "real"}))
         _cls_dataset(home / "datasets" / f"{name}-v1", name, seeds)
-    rec = {k: v for k, v in load_recipe("ours-synth-v7").items() if not k.startswith("_")}
-    assert isinstance(rec["train"], list) and len(rec["train"]) == 2
+    rec = {k: v for k, v in load_recipe("ours-synth-v8").items() if not k.startswith("_")}
+    assert isinstance(rec["train"], list) and len(rec["train"]) == 3
     rec["classifier"] = {**rec["classifier"], "epochs": 50, "members": 2}
     rec["infer"] = {"threshold": 0.02}
     rec["train"] = [{"dataset": "TINYA", "version": "1"}, {"dataset": "TINYB", "version": "1"}]

@@ -7,4 +7,4 @@ from pathlib import Path
 
 WEIGHTS_DIR = Path(__file__).with_name("weights")
 RECIPES_DIR = Path(__file__).with_name("recipes")
-DEFAULT_CHECKPOINT = WEIGHTS_DIR / "ours-synth-v7.pt"
+DEFAULT_CHECKPOINT = WEIGHTS_DIR / "ours-synth-v8.pt"

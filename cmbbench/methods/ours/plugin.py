@@ -176,7 +176,7 @@ class Ours(Method):
     """Sequence-agnostic 3D U-Net with location-based post-processing."""
 
     name = "ours"
-    version = "7"
+    version = "8"
     citation = ("del Pozo Lerida et al., Automatic Detection of Cerebral Microbleeds: a "
                 "Clinically Robust Deep Learning Framework (poster); re-implemented and trained "
                 "in cmbbench")
@@ -188,11 +188,11 @@ class Ours(Method):
         "spatial, intensity, resolution and contrast augmentation; sliding-window inference "
         "with Gaussian weighting; components re-scored by a second-stage candidate "
         "classifier (10 bagged MLPs on 25 shape, contrast, location and acquisition features, "
-        "trained on the U-Net's candidates on SYNTH-train2 and SYNTH-train3, 240 scans the "
-        "U-Net never saw), "
+        "trained on the U-Net's candidates on SYNTH-train2, SYNTH-train3 and SYNTH-train4, "
+        "480 scans the U-Net never saw), "
         "remapped so that the operating threshold chosen on SYNTH-val lands on 0.5; location "
         "post-processing (drop components outside the brain mask, near its surface or in "
-        "CSF), each rule on or off as chosen on SYNTH-val (ours-synth-v7: the brain-mask rule "
+        "CSF), each rule on or off as chosen on SYNTH-val (ours-synth-v8: the brain-mask rule "
         "only).")
     limitations = (
         "Trained on synthetic data only (the shipped checkpoint); 1 mm working grid (the "

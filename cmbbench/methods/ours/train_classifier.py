@@ -3,7 +3,8 @@ recipes, run by ``cmbbench train --method ours --recipe NAME``).
 
 The U-Net of the recipe's ``init`` checkpoint (sha256-checked, unchanged) is run on every scan
 of the recipe's ``train`` split (or list of splits, pooled), which the U-Net has not been
-trained on (SYNTH-train2 and SYNTH-train3 for the shipped recipe: stacking on held-out data).
+trained on (SYNTH-train2, SYNTH-train3 and SYNTH-train4 for the shipped recipe: stacking on
+held-out data).
 Its candidates are described by :func:`.classifier.candidate_features` and labelled by the
 reference: a candidate whose peak lies in a reference lesion's mask dilated by one working-grid
 voxel is a CMB. A
