@@ -39,6 +39,9 @@ log = logging.getLogger(__name__)
 
 #: voxel scores: mean probability, or tempered mean log-odds (:func:`.infer.tempered`)
 SCORES = ("prob", "logit")
+# inference settings of a checkpoint whose JSON records none (``recipe.infer``): candidate
+# probability threshold, sliding-window tile edge (working-grid voxels), tile overlap (fraction)
+INFER_DEFAULTS = {"threshold": 0.1, "patch": 96, "overlap": 0.15}
 
 
 def sha256_of(path: Path) -> str:
@@ -219,7 +222,7 @@ class Ours(Method):
         self.tta = _as_bool(tta)
         self.postprocess = None if postprocess is None else _as_bool(postprocess)
         # None: the inference settings the checkpoint was calibrated with (``recipe.infer`` in
-        # its JSON), else 0.1 / 96 / 0.15
+        # its JSON), else INFER_DEFAULTS
         self._threshold = None if threshold is None else float(threshold)
         self._patch = None if patch is None else int(patch)
         self._overlap = None if overlap is None else float(overlap)
@@ -253,28 +256,29 @@ class Ours(Method):
         if self.threads > 0:
             torch.set_num_threads(self.threads)
 
-    def _infer_setting(self, key: str, default: float) -> float:
-        return float((self.meta.get("recipe", {}).get("infer") or {}).get(key, default))
+    def _infer_setting(self, key: str) -> float:
+        recorded = self.meta.get("recipe", {}).get("infer") or {}
+        return float(recorded.get(key, INFER_DEFAULTS[key]))
 
     @property
     def threshold(self) -> float:
         """Probability above which connected voxels form a candidate (default: the one the
         checkpoint's operating threshold and classifier were calibrated with, else 0.1)."""
         return self._threshold if self._threshold is not None else self._infer_setting(
-            "threshold", 0.1)
+            "threshold")
 
     @property
     def patch(self) -> int:
         """Sliding-window tile edge (working-grid voxels; default: the checkpoint's, else
         96)."""
-        return self._patch if self._patch is not None else int(self._infer_setting("patch", 96))
+        return self._patch if self._patch is not None else int(self._infer_setting("patch"))
 
     @property
     def overlap(self) -> float:
         """Sliding-window tile overlap (fraction of the tile; default: the checkpoint's, else
         0.15)."""
         return self._overlap if self._overlap is not None else self._infer_setting(
-            "overlap", 0.15)
+            "overlap")
 
     @property
     def use_classifier(self) -> bool:

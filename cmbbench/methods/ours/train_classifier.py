@@ -41,7 +41,7 @@ from . import WEIGHTS_DIR
 from .classifier import (FEATURES, CandidateClassifier, component_scales, describe_candidates,
                          fit_classifier)
 from .infer import sliding_window
-from .plugin import Ours, load_checkpoint, save_checkpoint
+from .plugin import INFER_DEFAULTS, Ours, load_checkpoint, save_checkpoint
 from .postprocess import keep_candidate, parse_rules
 from .preprocess import Preprocessed, preprocess, resample_labels
 
@@ -261,8 +261,8 @@ def train_classifier(rec: dict, *, out: str | Path | None = None,
     seed = int(rec.get("seed", 0))
     cfg = dict(rec.get("classifier") or {})
     # candidate threshold, tile and overlap: the recipe's, else the U-Net's, else the defaults
-    infer = {"patch": 96, "overlap": 0.15, "threshold": 0.1,
-             **(init_meta.get("recipe", {}).get("infer") or {}), **(rec.get("infer") or {})}
+    infer = {**INFER_DEFAULTS, **(init_meta.get("recipe", {}).get("infer") or {}),
+             **(rec.get("infer") or {})}
     cand_thr = float(infer["threshold"])
     work_mm = float(init_meta.get("recipe", {}).get("work_mm", 1.0))
     op0 = init_meta.get("operating") or {}
