@@ -42,6 +42,7 @@ from cmbbench.methods.ours.plugin import verified_record
 __all__ = [
     "RECIPES_DIR",
     "WEIGHTS_DIR",
+    "PointSampler",
     "StageResult",
     "TrainScan",
     "ValScan",
@@ -431,6 +432,52 @@ class TrainScan:
     labels: np.ndarray | None
     val: ValScan
     pool: np.ndarray
+
+
+class PointSampler:
+    """Where the next training patch of the deep baselines goes, and its class.
+
+    A patch is positive with probability ``pos_fraction`` (when the scans hold any CMB): centred
+    on a stage-1 hit (``hits``, with probability ``hit_fraction`` once there are any) or on a
+    reference CMB centre jittered by up to ``jitter`` voxels in-plane and ``jitter / 2``
+    through-plane. Otherwise it is negative: on a mined hard negative (``hard``, with
+    probability ``hard_fraction`` once there are any) or on a random voxel of a random scan's
+    ``pool``. Centres are in working-grid voxels ``(i, j, k)``; ``hard`` and ``hits`` are
+    ``(scan index, centre)`` pairs the training loop fills after mining.
+
+    Parameters
+    ----------
+    scans
+        The prepared training scans.
+    rng
+        The one generator of the sampler (its draws are the training run's stream).
+    """
+
+    def __init__(self, scans: list[TrainScan], rng: np.random.Generator) -> None:
+        self.scans = scans
+        self.rng = rng
+        self.cmbs = [(n, c) for n, s in enumerate(scans) for c in s.centres]
+        self.hard: list[tuple[int, np.ndarray]] = []
+        self.hits: list[tuple[int, np.ndarray]] = []
+
+    def point(self, *, pos_fraction: float, jitter: float, hard_fraction: float = 0.0,
+              hit_fraction: float = 0.0) -> tuple[int, np.ndarray, int]:
+        """Draw one patch position: ``(scan index, centre [voxels], label 1 | 0)``."""
+        rng = self.rng
+        if rng.random() < pos_fraction and self.cmbs:
+            if self.hits and rng.random() < hit_fraction:
+                s, c = self.hits[rng.integers(len(self.hits))]
+            else:
+                s, c = self.cmbs[rng.integers(len(self.cmbs))]
+                c = c + rng.uniform(-jitter, jitter, 3) * np.array([1.0, 1.0, 0.5])
+            return s, c, 1
+        if self.hard and rng.random() < hard_fraction:
+            s, c = self.hard[rng.integers(len(self.hard))]
+        else:
+            s = int(rng.integers(len(self.scans)))
+            pool = self.scans[s].pool
+            c = pool[rng.integers(len(pool))].astype(np.float64)
+        return s, c, 0
 
 
 def labels_to_work(grid: object, labels: np.ndarray) -> np.ndarray:

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from cmbbench.errors import ConfigurationError
 
 from .deep_common import (
+    PointSampler,
     TrainScan,
     augment_patch,
     crop,
@@ -74,44 +75,16 @@ __all__ = ["train"]
 log = logging.getLogger(__name__)
 
 
-class _Sampler:
-    """Patch sampler over prepared training scans."""
-
-    def __init__(self, scans: list[TrainScan], rng: np.random.Generator) -> None:
-        self.scans = scans
-        self.rng = rng
-        self.cmbs = [(n, c) for n, s in enumerate(scans) for c in s.centres]
-        self.hard: list[tuple[int, np.ndarray]] = []
-        self.hits: list[tuple[int, np.ndarray]] = []
-
-    def positive(self, jitter: float) -> tuple[int, np.ndarray]:
-        n, c = self.cmbs[self.rng.integers(len(self.cmbs))]
-        j = self.rng.uniform(-jitter, jitter, 3) * np.array([1.0, 1.0, 0.5])
-        return n, c + j
-
-    def random(self) -> tuple[int, np.ndarray]:
-        n = int(self.rng.integers(len(self.scans)))
-        pool = self.scans[n].pool
-        return n, pool[self.rng.integers(len(pool))].astype(np.float64)
+class _Sampler(PointSampler):
+    """Batches of single-channel patches and their class labels."""
 
     def batch(self, size: tuple[int, int, int], n: int, *, pos_fraction: float, jitter: float,
               hard_fraction: float = 0.0, hit_fraction: float = 0.0
               ) -> tuple[torch.Tensor, torch.Tensor]:
         xs, ys = [], []
         for _ in range(n):
-            r = self.rng.random()
-            if r < pos_fraction and self.cmbs:
-                if self.hits and self.rng.random() < hit_fraction:
-                    s, c = self.hits[self.rng.integers(len(self.hits))]
-                else:
-                    s, c = self.positive(jitter)
-                y = 1
-            else:
-                if self.hard and self.rng.random() < hard_fraction:
-                    s, c = self.hard[self.rng.integers(len(self.hard))]
-                else:
-                    s, c = self.random()
-                y = 0
+            s, c, y = self.point(pos_fraction=pos_fraction, jitter=jitter,
+                                 hard_fraction=hard_fraction, hit_fraction=hit_fraction)
             img = self.scans[s].image
             p = crop(img, c, size, float(img.min()))
             xs.append(augment_patch(p, self.rng))

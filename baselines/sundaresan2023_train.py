@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from cmbbench.errors import ConfigurationError
 
 from .deep_common import (
+    PointSampler,
     TrainScan,
     augment_patch,
     crop,
@@ -80,38 +81,17 @@ __all__ = ["train"]
 log = logging.getLogger(__name__)
 
 
-class _Sampler:
+class _Sampler(PointSampler):
     """Patch sampler: ``(x [C, P, P, P], target [P, P, P], label)`` triples."""
-
-    def __init__(self, scans: list[TrainScan], rng: np.random.Generator) -> None:
-        self.scans = scans
-        self.rng = rng
-        self.cmbs = [(n, c) for n, s in enumerate(scans) for c in s.centres]
-        self.hard: list[tuple[int, np.ndarray]] = []
-        self.hits: list[tuple[int, np.ndarray]] = []
 
     def draw(self, size: int, *, pos_fraction: float, jitter: float,
              hard_fraction: float = 0.0, hit_fraction: float = 0.0
              ) -> tuple[np.ndarray, np.ndarray, int]:
-        rng = self.rng
-        if rng.random() < pos_fraction and self.cmbs:
-            if self.hits and rng.random() < hit_fraction:
-                s, c = self.hits[rng.integers(len(self.hits))]
-            else:
-                s, c = self.cmbs[rng.integers(len(self.cmbs))]
-                c = c + rng.uniform(-jitter, jitter, 3) * np.array([1.0, 1.0, 0.5])
-            y = 1
-        else:
-            if self.hard and rng.random() < hard_fraction:
-                s, c = self.hard[rng.integers(len(self.hard))]
-            else:
-                s = int(rng.integers(len(self.scans)))
-                pool = self.scans[s].pool
-                c = pool[rng.integers(len(pool))].astype(np.float64)
-            y = 0
+        s, c, y = self.point(pos_fraction=pos_fraction, jitter=jitter,
+                             hard_fraction=hard_fraction, hit_fraction=hit_fraction)
         sc = self.scans[s]
         both = np.concatenate([sc.image, (sc.labels > 0)[None].astype(np.float32)])
-        p = augment_patch(crop(both, c, (size,) * 3, 0.0), rng)
+        p = augment_patch(crop(both, c, (size,) * 3, 0.0), self.rng)
         return p[:-1], (p[-1] > 0.5).astype(np.int64), y
 
     def batch(self, size: int, n: int, *, gain: float = 5.0, **kw: float

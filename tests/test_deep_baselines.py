@@ -17,7 +17,13 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from cmbbench_baselines.deep_common import crop, load_bundle, load_recipe
+from cmbbench_baselines.deep_common import (
+    PointSampler,
+    TrainScan,
+    crop,
+    load_bundle,
+    load_recipe,
+)
 from cmbbench_baselines.dou2016 import (
     DEFAULT_CHECKPOINT as DOU_CHECKPOINT,
 )
@@ -563,3 +569,38 @@ def test_shipped_checkpoint_on_synth_demo(method, tmp_path):
     res = CliRunner().invoke(main, ["evaluate", "--method", method, "--dataset", "SYNTH-demo",
                                     "--out", str(tmp_path / "run"), "--json"])
     assert res.exit_code == 0, res.output
+
+
+def _point_scans() -> list:
+    pool = np.argwhere(np.ones((8, 8, 4), bool))
+    def scan(sid: str, centres: list) -> TrainScan:
+        return TrainScan(sid, None, np.zeros((8, 8, 4), np.float32), np.ones((8, 8, 4), bool),
+                         np.array(centres, float).reshape(-1, 3), None, None, pool)
+    return [scan("a", [[2.0, 3.0, 1.0]]), scan("b", []), scan("c", [[6.0, 5.0, 2.0]])]
+
+
+def test_point_sampler_positives_jitter_within_bounds_and_negatives_from_their_sources() -> None:
+    """The baselines' shared sampler: positives lie within the jitter box of a CMB centre
+    (half the jitter through-plane), mined lists are used once filled, and a scan set without
+    CMBs yields negatives only."""
+    scans = _point_scans()
+    ps = PointSampler(scans, np.random.default_rng(0))
+    seen = set()
+    for _ in range(200):
+        s, c, y = ps.point(pos_fraction=1.0, jitter=2.0)
+        assert y == 1 and s in (0, 2)
+        d = np.abs(c - scans[s].centres[0])
+        assert d[0] <= 2.0 and d[1] <= 2.0 and d[2] <= 1.0
+        seen.add(s)
+    assert seen == {0, 2}
+    ps.hits = [(1, np.array([4.0, 4.0, 2.0]))]
+    ps.hard = [(2, np.array([7.0, 7.0, 3.0]))]
+    assert all(ps.point(pos_fraction=1.0, jitter=2.0, hit_fraction=1.0)[:2][0] == 1
+               for _ in range(20))
+    for _ in range(20):
+        s, c, y = ps.point(pos_fraction=0.0, jitter=2.0, hard_fraction=1.0)
+        assert (s, y) == (2, 0) and np.array_equal(c, [7.0, 7.0, 3.0])
+    none = PointSampler([scans[1]], np.random.default_rng(1))
+    draws = [none.point(pos_fraction=1.0, jitter=2.0) for _ in range(50)]
+    assert all(y == 0 and s == 0 for s, _, y in draws)
+    assert len({tuple(c) for _, c, _ in draws}) > 10  # random pool voxels, not one spot
