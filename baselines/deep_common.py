@@ -37,7 +37,7 @@ import yaml
 
 from cmbbench.dataset import sha256_file
 from cmbbench.errors import ConfigurationError
-from cmbbench.methods.ours.plugin import verified_record
+from cmbbench.methods.ours.checkpoint import verified_record
 
 __all__ = [
     "RECIPES_DIR",

@@ -155,7 +155,7 @@ def train(recipe: str | Path | dict, *, out: str | Path | None = None,
     resume
         Continue an interrupted training in ``out``.
     """
-    from cmbbench.methods.ours.train import open_split
+    from cmbbench.methods.ours.training_data import open_split
 
     say = progress or log.info
     if init is not None or dataset is not None:

@@ -139,7 +139,7 @@ def train(recipe: str | Path | dict, *, out: str | Path | None = None,
     ``dataset`` are not supported; ``steps`` overrides every stage's step count;
     ``max_minutes`` scales every stage's budget).
     """
-    from cmbbench.methods.ours.train import open_split
+    from cmbbench.methods.ours.training_data import open_split
 
     say = progress or log.info
     if init is not None or dataset is not None:

@@ -31,7 +31,7 @@ def report(dataset: str, max_scans: int | None, threads: int) -> None:
 
     from cmbbench.dataset import read_dataset
     from cmbbench.methods.ours.plugin import Ours
-    from cmbbench.methods.ours.train import DataRef, _from_dataset, _ValSet
+    from cmbbench.methods.ours.training_data import DataRef, ValSet, from_dataset
     from cmbbench.registry import resolve_dataset
 
     torch.set_num_threads(threads)
@@ -40,8 +40,8 @@ def report(dataset: str, max_scans: int | None, threads: int) -> None:
     m = Ours()
     m.load()
     t0 = time.perf_counter()
-    val = _ValSet(DataRef(ds.name, str(ds.card.get("version", "")), ds.root,
-                          _from_dataset(ds, ids)), m.work_mm)
+    val = ValSet(DataRef(ds.name, str(ds.card.get("version", "")), ds.root,
+                          from_dataset(ds, ids)), m.work_mm)
     res = val.score_both(m.model, {}, keys=(
         "cpm", "precision_pooled", "recall_pooled", "f1_pooled", "fp_per_scan",
         "precision_mean", "recall_mean", "f1_mean"))

@@ -189,7 +189,7 @@ def datasets_list() -> None:
         local = dataset_cache_dir(card)
         state = "ready" if (local / "dataset.json").is_file() else (
             "generated on first use" if card.get("kind") == "synthetic" else "not prepared")
-        click.echo(f"{card['name']:<14}v{str(card.get('version', '')):<5}"
+        click.echo(f"{card['name']:<14}v{card.get('version', '')!s:<5}"
                    f"{card.get('kind', 'real'):<10}{state:<24}{local}")
 
 
@@ -378,7 +378,7 @@ def methods_list(as_json: bool) -> None:
         else:
             cite = (r["citation"] or "").replace("\n", " ")
             cite = cite if len(cite) <= 60 else cite[:57] + "..."
-            click.echo(f"{r['name']:<16}{str(r['version']):<10}{cite:<62}{by}")
+            click.echo(f"{r['name']:<16}{r['version']!s:<10}{cite:<62}{by}")
 
 
 @methods.command("info")

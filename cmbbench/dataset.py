@@ -30,7 +30,7 @@ from .geometry import voxel_sizes
 from .model import LESION_COLUMNS, SCAN_COLUMNS, ScanInfo
 from .nifti import Volume, read_volume, write_volume
 
-__all__ = ["HarmonizedDataset", "read_dataset", "DatasetWriter", "sha256_file", "read_csv"]
+__all__ = ["DatasetWriter", "HarmonizedDataset", "read_csv", "read_dataset", "sha256_file"]
 
 LAYOUT_VERSION = "1"
 

@@ -20,7 +20,7 @@ from .harmonize import lesions_from_labels
 from .model import ScanInfo
 from .nifti import write_volume
 
-__all__ = ["sphere", "affine_for", "ExampleScan", "example_scans", "make_example"]
+__all__ = ["ExampleScan", "affine_for", "example_scans", "make_example", "sphere"]
 
 
 def sphere(shape: tuple[int, int, int], centre_vox: np.ndarray | tuple, radius_mm: float,

@@ -11,15 +11,15 @@ Conventions used throughout cmbbench
 
 from __future__ import annotations
 
-import numpy as np
 import nibabel as nib
+import numpy as np
 
 __all__ = [
+    "affines_match",
+    "orientation_code",
+    "voxel_sizes",
     "voxel_to_world",
     "world_to_voxel",
-    "voxel_sizes",
-    "orientation_code",
-    "affines_match",
 ]
 
 

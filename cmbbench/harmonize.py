@@ -23,14 +23,14 @@ __all__ = [
     "CONNECTIVITIES",
     "DEFAULT_CANDIDATE_FLOOR",
     "DEFAULT_OPERATING_THRESHOLD",
+    "GrowRule",
     "InstanceStats",
-    "label_instances",
-    "instance_stats",
-    "lesions_from_labels",
     "candidates_from_labels",
     "candidates_from_probability",
-    "GrowRule",
     "grow_from_points",
+    "instance_stats",
+    "label_instances",
+    "lesions_from_labels",
     "lesions_from_points",
 ]
 

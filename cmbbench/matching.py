@@ -47,14 +47,14 @@ from .errors import ConfigurationError, ConsistencyError
 from .harmonize import DEFAULT_CANDIDATE_FLOOR, DEFAULT_OPERATING_THRESHOLD, nonzero_indices
 
 __all__ = [
-    "MatchRule",
+    "MATCH_COLUMNS",
     "PRESETS",
-    "get_rule",
-    "list_rules",
+    "MatchRule",
     "PairTable",
     "candidate_pairs",
+    "get_rule",
+    "list_rules",
     "match_scan",
-    "MATCH_COLUMNS",
 ]
 
 Criterion = Literal["distance", "overlap"]
@@ -123,7 +123,7 @@ class MatchRule:
     def one_to_one(self) -> bool:
         return self.assignment != "many_to_many"
 
-    def validate(self) -> "MatchRule":
+    def validate(self) -> MatchRule:
         """Raise :class:`ConfigurationError` on an inconsistent rule; return ``self``."""
         if self.criterion not in ("distance", "overlap"):
             raise ConfigurationError(f"rule {self.rule_id}: unknown criterion {self.criterion!r}")

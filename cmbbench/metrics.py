@@ -21,19 +21,19 @@ import numpy as np
 import pandas as pd
 
 __all__ = [
-    "FROC_FP_RATES",
     "COUNT_CATEGORIES",
+    "FROC_FP_RATES",
     "SIZE_BINS_MM",
     "PreparedTables",
-    "prepare",
-    "scan_table",
-    "safe_div",
+    "aggregate",
+    "auroc",
+    "average_precision",
     "f1_from_counts",
     "froc_curve",
+    "prepare",
+    "safe_div",
+    "scan_table",
     "sensitivity_at",
-    "average_precision",
-    "auroc",
-    "aggregate",
     "stratified",
 ]
 

@@ -10,8 +10,9 @@ See :mod:`cmbbench.geometry`.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, fields
-from typing import Iterable, Literal
+from typing import Literal
 
 import numpy as np
 import pandas as pd

@@ -17,8 +17,14 @@ import numpy as np
 from .errors import InvalidValuesError, MissingInputError, UnreadableInputError
 from .geometry import voxel_sizes
 
-__all__ = ["Volume", "read_volume", "read_header", "write_volume", "NIFTI_SUFFIXES",
-           "strip_nifti_suffix"]
+__all__ = [
+    "NIFTI_SUFFIXES",
+    "Volume",
+    "read_header",
+    "read_volume",
+    "strip_nifti_suffix",
+    "write_volume",
+]
 
 NIFTI_SUFFIXES: tuple[str, ...] = (".nii.gz", ".nii")
 

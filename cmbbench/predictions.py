@@ -31,8 +31,13 @@ from .errors import InvalidValuesError, MissingInputError, UnreadableInputError
 from .harmonize import check_probability
 from .nifti import strip_nifti_suffix
 
-__all__ = ["MANIFEST_NAME", "PredictionsFolder", "read_predictions_folder", "classify_map",
-           "MapKind"]
+__all__ = [
+    "MANIFEST_NAME",
+    "MapKind",
+    "PredictionsFolder",
+    "classify_map",
+    "read_predictions_folder",
+]
 
 MANIFEST_NAME = "cmbbench-submission.json"
 MapKind = Literal["probability", "binary", "instance"]

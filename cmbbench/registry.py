@@ -17,7 +17,7 @@ import yaml
 from .errors import ConfigurationError, MissingInputError, UnreadableInputError
 
 __all__ = ["data_home", "dataset_cache_dir", "list_cards", "load_card", "not_prepared_message",
-           "registry_dir", "resolve_dataset"]
+           "portable_path", "registry_dir", "resolve_dataset"]
 
 
 def registry_dir() -> Path:
@@ -40,6 +40,16 @@ def data_home() -> Path:
     """Root of locally generated/prepared data (``$CMBBENCH_HOME`` or ``~/.cache/cmbbench``)."""
     env = os.environ.get("CMBBENCH_HOME")
     return Path(env) if env else Path.home() / ".cache" / "cmbbench"
+
+
+def portable_path(path: str | Path) -> str:
+    """``path`` as a training record stores it: ``$CMBBENCH_HOME/<relative path>`` for data
+    under :func:`data_home` (so shipped records name no machine's folders), else absolute."""
+    p = Path(path).resolve()
+    try:
+        return "$CMBBENCH_HOME/" + p.relative_to(data_home().resolve()).as_posix()
+    except ValueError:
+        return str(p)
 
 
 def _read_yaml(path: Path) -> dict:

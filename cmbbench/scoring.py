@@ -33,8 +33,14 @@ from .nifti import read_header, read_volume
 from .predictions import PredictionsFolder, classify_map, read_predictions_folder
 from .statistics import BootstrapResult, bootstrap_ci
 
-__all__ = ["CaseResult", "ScoreResult", "score_case", "score_folder", "candidates_from_map",
-           "candidates_from_points"]
+__all__ = [
+    "CaseResult",
+    "ScoreResult",
+    "candidates_from_map",
+    "candidates_from_points",
+    "score_case",
+    "score_folder",
+]
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +204,7 @@ class ScoreResult:
     @classmethod
     def from_tables(cls, table: pd.DataFrame, scans: pd.DataFrame, rule: MatchRule, *,
                     n_boot: int = 1000, seed: int = 0, missing: list[str] | None = None,
-                    meta: dict | None = None) -> "ScoreResult":
+                    meta: dict | None = None) -> ScoreResult:
         """Derive every aggregate from the match and scan tables (no images needed)."""
         prep = prepare(table, scans)
         agg = aggregate(prep, operating_threshold=rule.operating_threshold)
@@ -255,7 +261,7 @@ class ScoreResult:
         return out
 
     @classmethod
-    def load(cls, out_dir: str | Path, *, n_boot: int | None = None) -> "ScoreResult":
+    def load(cls, out_dir: str | Path, *, n_boot: int | None = None) -> ScoreResult:
         """Re-derive a result from a saved folder's tables (``matches.csv`` + ``scans.csv``)."""
         out = Path(out_dir)
         info = json.loads((out / "aggregates.json").read_text())

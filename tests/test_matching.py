@@ -9,12 +9,11 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import make_case, outcome_counts
 
 from cmbbench.errors import ConfigurationError
 from cmbbench.matching import PRESETS, get_rule, match_scan
 from cmbbench.model import CANDIDATE_COLUMNS
-
-from conftest import make_case, outcome_counts
 
 PRESET_NAMES = ["cmbbench", "delpozo2024", "valdo2021", "dou2016", "wmh2017"]
 

@@ -14,13 +14,13 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from cmbbench.errors import (ConfigurationError, InvalidValuesError,  # noqa: E402
-                             MissingInputError)
+from cmbbench.errors import ConfigurationError, InvalidValuesError, MissingInputError  # noqa: E402
 from cmbbench.examples import affine_for, sphere  # noqa: E402
 from cmbbench.methods.api import ScanInput  # noqa: E402
 from cmbbench.methods.ours import DEFAULT_CHECKPOINT  # noqa: E402
+from cmbbench.methods.ours.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from cmbbench.methods.ours.losses import combined_loss  # noqa: E402
-from cmbbench.methods.ours.plugin import Ours, load_checkpoint, save_checkpoint  # noqa: E402
+from cmbbench.methods.ours.plugin import Ours  # noqa: E402
 from cmbbench.methods.ours.preprocess import (  # noqa: E402
     preprocess,
     resample_labels,
@@ -429,7 +429,8 @@ def test_recipe_init_and_synthetic_cmbs_in_training(tmp_path):
 
 
 def test_train_refuses_synth_test_and_unknown_recipe():
-    from cmbbench.methods.ours.train import load_recipe, open_split
+    from cmbbench.methods.ours.train import load_recipe
+    from cmbbench.methods.ours.training_data import open_split
 
     with pytest.raises(ConfigurationError, match="unknown training recipe"):
         load_recipe("nope")
@@ -500,17 +501,34 @@ def test_inference_settings_default_to_the_checkpoints():
     assert (given.threshold, given.patch, given.overlap) == (0.3, 80, 0.25)
 
 
+def test_training_record_names_data_home_portably(tmp_path, monkeypatch):
+    """A training split under the data home is recorded as ``$CMBBENCH_HOME/...`` (shipped
+    records name no machine's folders); a dataset elsewhere keeps its absolute path."""
+    from cmbbench.methods.ours.training_data import DataRef
+
+    home = tmp_path / "home"
+    inside = home / "datasets" / "SYNTH-x-v1"
+    inside.mkdir(parents=True)
+    outside = tmp_path / "mine"
+    outside.mkdir()
+    monkeypatch.setenv("CMBBENCH_HOME", str(home))
+    rec = DataRef("SYNTH-x", "1", inside, [("s1", None, None, "SWI", None)]).record()
+    assert rec["path"] == "$CMBBENCH_HOME/datasets/SYNTH-x-v1"
+    assert rec["scan_ids"] == ["s1"] and rec["version"] == "1"
+    assert DataRef("mine", "0", outside, []).record()["path"] == str(outside.resolve())
+
+
 def test_preprocessing_workers_do_not_change_the_cases(tmp_path):
     """Scans preprocessed by 2 processes give the same cases (arrays and random hard-negative
     centres) as in one process."""
     from cmbbench.dataset import read_dataset
-    from cmbbench.methods.ours.train import DataRef, _from_dataset, _load_cases
+    from cmbbench.methods.ours.training_data import DataRef, from_dataset, load_cases
 
     ds = read_dataset(_tiny_dataset(tmp_path / "tiny"))
-    ref = DataRef(ds.name, "0", ds.root, _from_dataset(ds, ds.scan_ids))
+    ref = DataRef(ds.name, "0", ds.root, from_dataset(ds, ds.scan_ids))
     hard = {"dark_z": -2.0, "mimic_voxels_per_instance": 5}
-    one = _load_cases(ref, 1.0, lambda m: None, margin=3, hard=hard, seed=7, workers=1)
-    two = _load_cases(ref, 1.0, lambda m: None, margin=3, hard=hard, seed=7, workers=2)
+    one = load_cases(ref, 1.0, lambda m: None, margin=3, hard=hard, seed=7, workers=1)
+    two = load_cases(ref, 1.0, lambda m: None, margin=3, hard=hard, seed=7, workers=2)
     assert len(one) == len(two) == len(ds.scan_ids)
     for a, b in zip(one, two):
         assert a.scan_id == b.scan_id
@@ -528,12 +546,12 @@ def test_batch_workers_stream_is_seeded_and_trains(tmp_path):
 
     from cmbbench.dataset import read_dataset
     from cmbbench.methods.ours.sampling import PatchSampler
-    from cmbbench.methods.ours.train import (DataRef, _BatchStream, _from_dataset, _load_cases,
-                                             load_recipe, train)
+    from cmbbench.methods.ours.train import _BatchStream, load_recipe, train
+    from cmbbench.methods.ours.training_data import DataRef, from_dataset, load_cases
 
     root = _tiny_dataset(tmp_path / "tiny")
     ds = read_dataset(root)
-    cases = _load_cases(DataRef(ds.name, "0", ds.root, _from_dataset(ds, ds.scan_ids)), 1.0,
+    cases = load_cases(DataRef(ds.name, "0", ds.root, from_dataset(ds, ds.scan_ids)), 1.0,
                         lambda m: None, margin=3, workers=1)
 
     def make(s):

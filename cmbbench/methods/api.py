@@ -25,7 +25,7 @@ from typing import ClassVar
 import numpy as np
 import pandas as pd
 
-__all__ = ["Requirements", "ScanInput", "Prediction", "Method"]
+__all__ = ["Method", "Prediction", "Requirements", "ScanInput"]
 
 
 @dataclass(frozen=True)

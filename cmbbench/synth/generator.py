@@ -28,8 +28,8 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -43,9 +43,19 @@ from ..model import LESION_COLUMNS
 from . import anatomy, physics, placement
 from .recipe import PROTOCOLS, Protocol, SynthRecipe
 
-__all__ = ["GENERATOR_VERSION", "Acquisition", "GeneratedScan", "sample_acquisition",
-           "generate_scan", "label_from_factor", "MIMIC_CLASSES", "DRAW_THRESHOLD",
-           "REFERENCE_B0_T", "REFERENCE_TE_MS", "CALIBRATION_PHI_C"]
+__all__ = [
+    "CALIBRATION_PHI_C",
+    "DRAW_THRESHOLD",
+    "GENERATOR_VERSION",
+    "MIMIC_CLASSES",
+    "REFERENCE_B0_T",
+    "REFERENCE_TE_MS",
+    "Acquisition",
+    "GeneratedScan",
+    "generate_scan",
+    "label_from_factor",
+    "sample_acquisition",
+]
 
 log = logging.getLogger(__name__)
 

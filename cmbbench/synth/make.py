@@ -13,10 +13,10 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import MISSING, fields
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import MISSING, fields
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pandas as pd

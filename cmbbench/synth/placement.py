@@ -14,13 +14,13 @@ from scipy import ndimage
 from ..geometry import voxel_sizes, voxel_to_world
 
 __all__ = [
-    "coarse_distance",
-    "sample_cmb_count",
-    "sample_apparent_diameter",
-    "sample_core_diameter",
-    "pick_voxels",
-    "VeinGuide",
     "PlacedPoint",
+    "VeinGuide",
+    "coarse_distance",
+    "pick_voxels",
+    "sample_apparent_diameter",
+    "sample_cmb_count",
+    "sample_core_diameter",
 ]
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from ..errors import ConfigurationError
 from ..registry import load_card
 
-__all__ = ["Protocol", "PROTOCOLS", "SynthRecipe", "load_recipe", "recipe_from_card"]
+__all__ = ["PROTOCOLS", "Protocol", "SynthRecipe", "load_recipe", "recipe_from_card"]
 
 
 @dataclass(frozen=True)
@@ -124,7 +124,7 @@ class SynthRecipe:
     bias_std: tuple[float, float] = (0.1, 0.3)
     swi_mip_mm: float | None = None
 
-    def validate(self, *, path: object = None) -> "SynthRecipe":
+    def validate(self, *, path: object = None) -> SynthRecipe:
         """Raise :class:`ConfigurationError` (one line, naming the recipe) on impossible values."""
         def bad(msg: str) -> ConfigurationError:
             return ConfigurationError(f"recipe {self.name}: {msg}", path)

@@ -1,7 +1,7 @@
 """The reference method "ours": a sequence-agnostic 3D U-Net trained in cmbbench, with
 location-based post-processing (see :mod:`.plugin`). Importing this package needs torch."""
 
-__all__ = ["WEIGHTS_DIR", "RECIPES_DIR", "DEFAULT_CHECKPOINT"]
+__all__ = ["DEFAULT_CHECKPOINT", "RECIPES_DIR", "WEIGHTS_DIR"]
 
 from pathlib import Path
 

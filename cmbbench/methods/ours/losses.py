@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["focal_tversky", "combined_loss"]
+__all__ = ["combined_loss", "focal_tversky"]
 
 
 def focal_tversky(logits: torch.Tensor, target: torch.Tensor, *, alpha: float = 0.5,

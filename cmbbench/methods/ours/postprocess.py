@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["RULES", "TissueMaps", "tissue_maps", "keep_candidate", "parse_rules"]
+__all__ = ["RULES", "TissueMaps", "keep_candidate", "parse_rules", "tissue_maps"]
 
 #: the location rules, in the order they are checked
 RULES: tuple[str, ...] = ("mask", "surface", "csf")

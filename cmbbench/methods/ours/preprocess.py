@@ -31,9 +31,19 @@ from scipy import ndimage
 
 from ...errors import InvalidValuesError
 
-__all__ = ["Preprocessed", "brain_mask", "check_input", "normalisation_stats", "normalise",
-           "preprocess",
-           "resample_labels", "to_native", "work_to_native_index", "MIN_SPACING_MM", "MAX_SPACING_MM"]
+__all__ = [
+    "MAX_SPACING_MM",
+    "MIN_SPACING_MM",
+    "Preprocessed",
+    "brain_mask",
+    "check_input",
+    "normalisation_stats",
+    "normalise",
+    "preprocess",
+    "resample_labels",
+    "to_native",
+    "work_to_native_index",
+]
 
 log = logging.getLogger(__name__)
 

@@ -27,22 +27,20 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 import yaml
 
 from ...errors import ConfigurationError, MissingInputError
 from . import RECIPES_DIR, WEIGHTS_DIR
 from .augment import augment_batch
-from .infer import sliding_window, tempered
+from .calibration import calibrate
+from .checkpoint import build_model, load_checkpoint, save_checkpoint
 from .losses import combined_loss
-from .plugin import Ours, build_model, load_checkpoint, save_checkpoint
-from .postprocess import RULES
-from .preprocess import preprocess, resample_labels
-from .sampling import Case, PatchSampler, crop_to_brain, dark_spots
-from .synthetic_cmbs import CMBBank, noise_sd
+from .sampling import PatchSampler
+from .synthetic_cmbs import CMBBank
+from .training_data import ValSet, load_cases, open_split, split_dataset
 
-__all__ = ["load_recipe", "train", "DataRef", "open_split"]
+__all__ = ["hardware", "load_recipe", "package_path", "train"]
 
 log = logging.getLogger(__name__)
 
@@ -64,241 +62,6 @@ def load_recipe(recipe: str | Path | dict) -> dict:
         raise ConfigurationError("a recipe is a mapping with at least a name", p)
     rec.setdefault("_path", str(p))
     return rec
-
-
-class DataRef:
-    """Scans of a dataset usable for training: ``items`` of (scan_id, image path, label path,
-    sequence) plus a record (name, version, path, scan ids)."""
-
-    def __init__(self, name: str, version: str, root: Path, items: list[tuple]) -> None:
-        self.name, self.version, self.root, self.items = name, version, root, items
-
-    def record(self) -> dict:
-        return {"name": self.name, "version": self.version, "path": str(self.root),
-                "scan_ids": [i[0] for i in self.items]}
-
-
-def _from_dataset(ds, ids: list[str]) -> list[tuple]:  # noqa: ANN001
-    seq = dict(zip(ds.scans["scan_id"], ds.scans.get("sequence", pd.Series(
-        ["unknown"] * len(ds.scans)))))
-    out = []
-    for s in ids:
-        lp = ds.label_path(s)
-        out.append((s, ds.image_path(s), lp, str(seq.get(s, "unknown")), ds.lesions_of(s)))
-    return out
-
-
-def open_split(spec: dict) -> DataRef:
-    """A recipe's ``train``/``val`` entry -> :class:`DataRef` (registry name + version)."""
-    from ...dataset import read_dataset
-    from ...registry import dataset_cache_dir, load_card
-
-    card = load_card(str(spec["dataset"]))
-    version = str(spec.get("version", card.get("version", "0")))
-    if version != str(card.get("version", "0")):
-        raise ConfigurationError(f"recipe asks for {card['name']} v{version}, the registry "
-                                 f"has v{card.get('version')}")
-    if card["name"].upper().startswith("SYNTH-TEST"):
-        raise ConfigurationError("SYNTH-test is for final reporting only, never for training "
-                                 "or model selection")
-    root = dataset_cache_dir(card)
-    max_scans = int(spec.get("max_scans") or 10 ** 9)
-    if (root / "scans.csv").is_file():
-        ds = read_dataset(root)
-        return DataRef(card["name"], version, root, _from_dataset(ds, ds.scan_ids[:max_scans]))
-    if not spec.get("allow_partial"):
-        from ...registry import resolve_dataset
-
-        ds = read_dataset(resolve_dataset(card["name"]))
-        return DataRef(card["name"], version, root, _from_dataset(ds, ds.scan_ids[:max_scans]))
-    # a dataset still being generated: the scans whose shard is written are complete
-    shards = sorted((root / ".shards").glob("*.json")) if (root / ".shards").is_dir() else []
-    items = []
-    for sh in shards[:max_scans]:
-        d = json.loads(sh.read_text())
-        sid = d["scan"]["scan_id"]
-        items.append((sid, root / "images" / f"{sid}.nii.gz", root / "labels" / f"{sid}.nii.gz",
-                      str(d["scan"].get("sequence", "unknown")), pd.DataFrame(d["lesions"])))
-    if not items:
-        raise MissingInputError(f"no complete scan of {card['name']} yet", root)
-    return DataRef(card["name"], version, root, items)
-
-
-def _split_dataset(ref: str | Path, seed: int, max_scans: int | None) -> tuple[DataRef, DataRef]:
-    from ...dataset import read_dataset
-    from ...registry import resolve_dataset
-
-    if str(ref).upper().startswith("SYNTH-TEST") or "SYNTH-test" in str(ref):
-        raise ConfigurationError("SYNTH-test is for final reporting only, never for training")
-    ds = read_dataset(resolve_dataset(ref))
-    ids = ds.scan_ids[: max_scans or None]
-    split = dict(zip(ds.scans["scan_id"], ds.scans.get("split", pd.Series([""] * len(ds.scans)))))
-    val_ids = [s for s in ids if str(split.get(s, "")).lower() == "val"]
-    if not val_ids or len(val_ids) == len(ids):
-        rng = np.random.default_rng(seed)
-        n_val = max(1, int(round(0.2 * len(ids))))
-        if len(ids) < 2:
-            raise ConfigurationError(f"dataset {ds.name} needs at least 2 scans to fine-tune "
-                                     "with a held-out split")
-        val_ids = sorted(rng.choice(ids, size=n_val, replace=False).tolist())
-    tr_ids = [s for s in ids if s not in set(val_ids)]
-    version = str(ds.card.get("version", ""))
-    return (DataRef(ds.name, version, ds.root, _from_dataset(ds, tr_ids)),
-            DataRef(ds.name, version, ds.root, _from_dataset(ds, val_ids)))
-
-
-def _mimic_centres(labels: np.ndarray, per_instance: int, rng: np.random.Generator
-                   ) -> np.ndarray:
-    """Up to ``per_instance`` random voxels of each instance of a (mimic) label map."""
-    pts = np.argwhere(labels > 0)
-    if not len(pts):
-        return np.zeros((0, 3), int)
-    ids = labels[tuple(pts.T)]
-    keep = []
-    for i in np.unique(ids):
-        where = np.flatnonzero(ids == i)
-        keep.append(rng.choice(where, min(per_instance, len(where)), replace=False))
-    return pts[np.concatenate(keep)]
-
-
-def _prep_workers() -> int:
-    """Processes preprocessing scans in parallel: the CPU count, at most 8 (each holds a
-    native scan and its working-grid copies, up to ~2 GB; the result does not depend on it)."""
-    return max(1, min(os.cpu_count() or 1, 8))
-
-
-def _ordered_map(fn: Callable, items: list, workers: int) -> Iterator:
-    """``fn(i) for i in items``, in order, over ``workers`` processes when more than one."""
-    if workers <= 1 or len(items) <= 1:
-        yield from (fn(i) for i in items)
-        return
-    from concurrent.futures import ProcessPoolExecutor
-
-    with ProcessPoolExecutor(max_workers=min(workers, len(items))) as pool:
-        yield from pool.map(fn, items, chunksize=1)
-
-
-def _prep_training_scan(args: tuple) -> dict:
-    """The deterministic, per-scan part of :func:`_load_cases` (a worker process): read,
-    preprocess, resample the label and mimic maps, crop to the brain box."""
-    from ...nifti import read_volume
-
-    ip, lp, work_mm, margin, with_mimics = args
-    vol = read_volume(ip)
-    pre = preprocess(vol.data, vol.affine, work_mm=work_mm)
-    if lp is not None and Path(lp).is_file():
-        lab = resample_labels(np.asarray(read_volume(lp).data), vol.affine, pre)
-    else:
-        lab = np.zeros(pre.image.shape, np.int32)
-    mim = None
-    mp = Path(ip).parent.parent / "mimics" / Path(ip).name
-    if with_mimics and mp.is_file():
-        mim = resample_labels(np.asarray(read_volume(mp).data), vol.affine, pre)
-    image, lab, mask, *rest = crop_to_brain(pre.image, lab, pre.mask, margin, mim)
-    return {"image": image, "labels": lab, "mask": mask, "mimics": rest[0] if rest else None,
-            "intensity_offset": float(pre.intensity_offset), "noise_sd": noise_sd(image, mask),
-            "slice_mm": float(pre.spacing_ras[2])}
-
-
-def _load_cases(ref: DataRef, work_mm: float, progress: Callable[[str], None], *,
-                margin: int = 0, hard: dict | None = None, seed: int = 0,
-                workers: int | None = None) -> list[Case]:
-    """Preprocess training scans onto the working grid, cropped to the brain box plus
-    ``margin`` voxels. With ``hard`` (the recipe's ``sampling`` mapping), each case gets its
-    hard-negative centres: :func:`.sampling.dark_spots` (``dark_z``) plus, where the dataset
-    has mimic maps (synthetic data: ``mimics/<scan_id>.nii.gz``), up to
-    ``mimic_voxels_per_instance`` voxels of each mimic.
-
-    The scans are preprocessed by ``workers`` processes (default :func:`_prep_workers`); the
-    random hard-negative draws then run in scan order in this process, so the cases do not
-    depend on the number of workers."""
-    rng = np.random.default_rng(seed)
-    cases = []
-    t0 = time.perf_counter()
-    workers = _prep_workers() if workers is None else int(workers)
-    jobs = [(ip, lp, work_mm, margin, bool(hard)) for _, ip, lp, _, _ in ref.items]
-    for d, (sid, _, _, seq, _) in zip(_ordered_map(_prep_training_scan, jobs, workers),
-                                      ref.items):
-        image, lab, mask = d["image"], d["labels"], d["mask"]
-        hard_pts = None
-        if hard:
-            pts = [dark_spots(image, mask, lab, z_max=float(hard.get("dark_z", -2.0)),
-                              seed=int(rng.integers(2**31)))]
-            if d["mimics"] is not None:
-                pts.append(_mimic_centres(d["mimics"], int(hard.get(
-                    "mimic_voxels_per_instance", 10)), rng))
-            hard_pts = np.concatenate(pts)
-        # float16 image and binary labels: 120 whole-brain training scans fit in ~4 GB
-        cases.append(Case(sid, image.astype(np.float16), (lab > 0).astype(np.uint8), mask,
-                          seq, hard_voxels=hard_pts, intensity_offset=d["intensity_offset"],
-                          noise_sd=d["noise_sd"], slice_mm=d["slice_mm"]))
-        if len(cases) % 10 == 0:
-            progress(f"preprocessed {len(cases)}/{len(ref.items)} training scans "
-                     f"({time.perf_counter() - t0:.0f} s, {workers} process(es))")
-    progress(f"loaded {len(cases)} training scan(s) from {ref.name}")
-    return cases
-
-
-def _prep_val_scan(args: tuple) -> tuple:
-    """Preprocessed image and native reference labels of one validation scan (a worker)."""
-    from ...nifti import read_volume
-
-    ip, lp, work_mm = args
-    vol = read_volume(ip)
-    pre = preprocess(vol.data, vol.affine, work_mm=work_mm)
-    labels = (np.asarray(read_volume(lp).data).astype(np.uint32)
-              if lp is not None and Path(lp).is_file() else None)
-    return pre, vol.affine, labels
-
-
-class _ValSet:
-    """Validation scans kept preprocessed; CPM by cmbbench scoring on the native grid."""
-
-    def __init__(self, ref: DataRef, work_mm: float, workers: int | None = None) -> None:
-        self.ref = ref
-        done = _ordered_map(_prep_val_scan, [(ip, lp, work_mm) for _, ip, lp, _, _ in ref.items],
-                            _prep_workers() if workers is None else int(workers))
-        self.items = [(sid, pre, affine, labels, lesions, seq) for (pre, affine, labels), (
-            sid, _, _, seq, lesions) in zip(done, ref.items)]
-
-    def score(self, model: torch.nn.Module, infer: dict, *, postprocess: bool = True) -> dict:
-        """Aggregates (CPM, pooled recall/precision/F1, FP per scan) of ``model``."""
-        return self.score_both(model, infer)["with" if postprocess else "without"]
-
-    def score_both(self, model: torch.nn.Module, infer: dict, *, n_boot: int = 0,
-                   keys: tuple = ("cpm", "recall_pooled", "precision_pooled", "f1_pooled",
-                                  "fp_per_scan")) -> dict:
-        """Aggregates with and without the location post-processing (one inference)."""
-        from ...matching import MATCH_COLUMNS, get_rule
-        from ...metrics import scan_table
-        from ...scoring import ScoreResult, score_case
-
-        rule = get_rule("cmbbench")
-        meth = Ours(postprocess=True, threshold=float(infer.get("threshold", 0.1)),
-                    patch=int(infer.get("patch", 96)), overlap=float(infer.get("overlap", 0.15)),
-                    score=infer.get("score"))
-        meth.model, meth.meta = model, {}
-        acc = {"with": ([], []), "without": ([], [])}
-        for sid, pre, affine, labels, lesions, seq in self.items:
-            after, rows, before = meth.predict_work(pre)
-            lz = _lesion_frame(lesions, sid)
-            for key, prob, pp in (("with", after, True), ("without", before, False)):
-                native, _ = meth.to_native(prob, rows, pre, postprocess=pp)
-                case = score_case(scan_id=sid, lesions=lz, image_shape=native.shape,
-                                  image_affine=affine, rule=rule, ref_labels=labels,
-                                  prediction=native)
-                acc[key][0].append(case.table)
-                acc[key][1].append({"scan_id": sid, "sequence": seq, **case.extras})
-        ids = [i[0] for i in self.items]
-        out = {}
-        for key, (tables, extras) in acc.items():
-            ne = [t for t in tables if len(t)]
-            table = (pd.concat(ne, ignore_index=True) if ne
-                     else pd.DataFrame(columns=MATCH_COLUMNS))
-            scans = scan_table(table, ids, extra=pd.DataFrame(extras))
-            res = ScoreResult.from_tables(table, scans, rule, n_boot=n_boot)
-            out[key] = {k: float(res.aggregates.get(k, float("nan"))) for k in keys}
-        return out
 
 
 class _BatchStream(torch.utils.data.IterableDataset):
@@ -341,133 +104,7 @@ def _resolve_device(name: str | None) -> torch.device:
     return torch.device(name)
 
 
-def calibrate(model: torch.nn.Module, val: _ValSet, infer: dict, *,
-              surfaces: tuple[float, ...] = (2.0, 0.0), scores: tuple[str, ...] = ("prob", "logit"),
-              progress: Callable[[str], None] | None = None) -> dict:
-    """Choose the post-processing variant and the operating threshold on validation scans.
-
-    Variants: all location rules with each surface band width in ``surfaces`` (mm), the brain
-    mask rule alone, and no post-processing, each with ``scores`` (``prob``: mean probability;
-    ``logit``: tempered mean log-odds, named ``<variant>+logit``; both maps come from one
-    sliding-window pass). The variant with the highest CPM (threshold-free; ties: the
-    earlier, more conservative one, ``prob`` before ``logit``) is kept; its operating
-    threshold lies halfway between the candidate score that maximises the pooled F1 over the
-    validation scans (rule ``cmbbench``) and the next lower score, unclipped up to 1 - 1e-6
-    (saturated networks). Returns the ``operating`` record stored in the checkpoint JSON (with
-    every variant's numbers, ``rules``, ``surface_mm`` and ``score``).
-    """
-    from ...matching import get_rule
-    from ...scoring import score_case
-
-    say = progress or (lambda m: log.info(m))
-    rule = get_rule("cmbbench")
-    meth = Ours(threshold=float(infer.get("threshold", 0.1)), patch=int(infer.get("patch", 96)),
-                overlap=float(infer.get("overlap", 0.15)), postprocess=True)
-    meth.model, meth.meta = model, {}
-    model.eval()
-    # (name, surface band mm, rules, score); rules None = no post-processing
-    base = ([(f"surface_{s:g}mm", float(s), RULES) for s in surfaces]
-            + [("mask_only", 0.0, ("mask",)), ("none", 0.0, None)])
-    specs: list[tuple[str, float, tuple[str, ...] | None, str]] = [
-        (n + ("" if sc == "prob" else f"+{sc}"), sf, rl, sc) for sc in scores
-        for n, sf, rl in base]
-    names = [sp[0] for sp in specs]
-    acc: dict[str, tuple[list, list]] = {n: ([], []) for n in names}
-    t0 = time.perf_counter()
-    for sid, pre, affine, labels, lesions, seq in val.items:
-        prob, logodds = sliding_window(model, pre.image, pre.mask, patch=meth.patch,
-                                       overlap=meth.overlap, output="both")
-        raw_of = {"prob": prob, "logit": tempered(logodds)}
-        lz = _lesion_frame(lesions, sid)
-        for name, surf, rules, sc in specs:
-            meth._surface_mm = surf
-            meth._rules = rules or RULES
-            meth._score = sc
-            after, rows, before = meth.postprocess_work(raw_of[sc], pre)
-            pp = rules is not None
-            native, _ = meth.to_native(after if pp else before, rows, pre, postprocess=pp)
-            case = score_case(scan_id=sid, lesions=lz, image_shape=native.shape,
-                              image_affine=affine, rule=rule, ref_labels=labels,
-                              prediction=native)
-            acc[name][0].append(case.table)
-            acc[name][1].append({"scan_id": sid, "sequence": seq, **case.extras})
-    ids = [i[0] for i in val.items]
-    variants = {}
-    score_of = {sp[0]: sp[3] for sp in specs}
-    for name, (tables, extras) in acc.items():
-        meth._score = score_of[name]
-        variants[name] = operating_point(tables, extras, ids, rule,
-                                         floor=meth._level(meth.threshold))
-        say(f"calibration {name}: CPM {variants[name]['cpm']:.3f}, best F1 "
-            f"{variants[name]['f1']:.3f} at threshold {variants[name]['threshold']:.6f}")
-    chosen = max(names, key=lambda n: (np.nan_to_num(variants[n]["cpm"], nan=-1.0),
-                                       -names.index(n)))
-    v = variants[chosen]
-    _, surf, rules, sc = next(sp for sp in specs if sp[0] == chosen)
-    meth._score = sc
-    op = {"postprocess": rules is not None, "surface_mm": surf, "rules": list(rules or ()),
-          "score": sc,
-          "threshold": float(np.clip(v["threshold"], meth._level(meth.threshold),
-                                     1.0 - 1e-6)),
-          "chosen": chosen, "variants": variants, "scans": ids, "rule": rule.rule_id,
-          "dataset": {"name": val.ref.name, "version": val.ref.version},
-          "seconds": round(time.perf_counter() - t0, 1)}
-    return op
-
-
-def operating_point(tables: list[pd.DataFrame], extras: list[dict], ids: list[str],
-                    rule, *, floor: float) -> dict:  # noqa: ANN001
-    """CPM of per-scan match ``tables`` and the operating threshold that maximises the pooled
-    F1 (candidate scores at or above ``floor`` only).
-
-    The threshold lies halfway between the best-F1 candidate's score and the next lower
-    score, so that rounding can never move that candidate across the operating point.
-    Returns ``cpm``, ``f1_at_0.5``, ``threshold``, and ``f1``/``precision``/``recall``/
-    ``fp_per_scan`` at that threshold.
-    """
-    from ...matching import MATCH_COLUMNS
-    from ...metrics import scan_table
-    from ...scoring import ScoreResult
-
-    ne = [t for t in tables if len(t)]
-    table = pd.concat(ne, ignore_index=True) if ne else pd.DataFrame(columns=MATCH_COLUMNS)
-    res = ScoreResult.from_tables(table, scan_table(table, ids, extra=pd.DataFrame(extras)),
-                                  rule, n_boot=0)
-    fr = res.froc
-    fr = fr[np.isfinite(fr["threshold"]) & (fr["threshold"] >= floor)]
-    p_, r_ = fr["precision"].fillna(0).to_numpy(), fr["sensitivity"].fillna(0).to_numpy()
-    f1 = np.where(p_ + r_ > 0, 2 * p_ * r_ / np.maximum(p_ + r_, 1e-12), 0.0)
-    best = int(np.argmax(f1)) if len(f1) else -1
-    thr = 0.5
-    if best >= 0:
-        t_best = float(fr["threshold"].iloc[best])
-        below = fr["threshold"][fr["threshold"] < t_best]
-        thr = 0.5 * (t_best + float(below.max())) if len(below) else t_best
-    return {"cpm": float(res.aggregates["cpm"]),
-            "f1_at_0.5": float(res.aggregates["f1_pooled"]),
-            "threshold": thr,
-            "f1": float(f1[best]) if best >= 0 else 0.0,
-            "precision": float(p_[best]) if best >= 0 else 0.0,
-            "recall": float(r_[best]) if best >= 0 else 0.0,
-            "fp_per_scan": float(fr["fp_per_scan"].iloc[best]) if best >= 0 else 0.0}
-
-
-def _lesion_frame(lesions: pd.DataFrame, sid: str) -> pd.DataFrame:
-    from ...model import LESION_COLUMNS
-
-    lz = lesions.copy()
-    if "scan_id" not in lz.columns:
-        lz["scan_id"] = sid
-    for col in LESION_COLUMNS:
-        if col not in lz.columns:
-            lz[col] = {"location": "unknown", "mask_source": "none",
-                       "n_voxels": 0}.get(col, np.nan)
-    lz["n_voxels"] = lz["n_voxels"].fillna(0).astype(np.int64)
-    lz["lesion_id"] = lz["lesion_id"].astype(np.int64)
-    return lz[list(LESION_COLUMNS) + [c for c in lz.columns if c not in LESION_COLUMNS]]
-
-
-def _package_path(path: str | Path | None, folder: Path) -> str | None:
+def package_path(path: str | Path | None, folder: Path) -> str | None:
     """A shipped file (a recipe or checkpoint inside ``folder`` of this package) as its path
     inside the repository/package; any other path as given; None stays None."""
     if not path:
@@ -479,7 +116,7 @@ def _package_path(path: str | Path | None, folder: Path) -> str | None:
     return f"cmbbench/methods/ours/{folder.name}/{rel}"
 
 
-def _hardware() -> dict:
+def hardware() -> dict:
     return {"machine": platform.machine(), "processor": platform.processor() or "",
             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "python": platform.python_version(),
@@ -588,7 +225,7 @@ def train(recipe: str | Path | dict, *, out: str | Path | None = None,
         raise ConfigurationError(f"patch {patch} is not a multiple of {model.divisor}")
 
     if dataset is not None:
-        tr_ref, va_ref = _split_dataset(dataset, seed, rec.get("train", {}).get("max_scans"))
+        tr_ref, va_ref = split_dataset(dataset, seed, rec.get("train", {}).get("max_scans"))
     else:
         tr_ref, va_ref = open_split(rec["train"]), open_split(rec["val"])
     t_load = time.perf_counter()
@@ -606,10 +243,10 @@ def train(recipe: str | Path | dict, *, out: str | Path | None = None,
         if not rec.get("calibrate"):
             raise ConfigurationError(f"recipe {name} has no calibrate step")
         finished = True
-    cases = [] if finished else _load_cases(
+    cases = [] if finished else load_cases(
         tr_ref, work_mm, say, margin=crop // 4,
         hard=samp_cfg if float(samp_cfg.get("hard_fraction", 0)) > 0 else None, seed=seed)
-    val = None if calibrate_only else _ValSet(va_ref, work_mm)
+    val = None if calibrate_only else ValSet(va_ref, work_mm)
     if val is not None:
         say(f"preprocessed {len(cases)} train + {len(val.items)} val scan(s) in "
             f"{time.perf_counter() - t_load:.0f} s")
@@ -655,9 +292,9 @@ def train(recipe: str | Path | dict, *, out: str | Path | None = None,
     t0 = time.perf_counter() - elapsed0
     record_base = {
         "recipe": {k: v for k, v in rec.items() if not k.startswith("_")},
-        "recipe_file": _package_path(rec.get("_path"), RECIPES_DIR), "seed": seed,
+        "recipe_file": package_path(rec.get("_path"), RECIPES_DIR), "seed": seed,
         "init": None if init is None else {
-            "path": _package_path(init, WEIGHTS_DIR), "sha256": (init_meta or {}).get("sha256")},
+            "path": package_path(init, WEIGHTS_DIR), "sha256": (init_meta or {}).get("sha256")},
         "datasets": {"train": tr_ref.record(), "val": va_ref.record()},
         "command": ("cmbbench train --method ours --recipe " + name +
                     (f" --init {init}" if finetune else "") +
@@ -705,7 +342,7 @@ def train(recipe: str | Path | dict, *, out: str | Path | None = None,
             save_checkpoint(model, out / f"{name}.pt", {
                 **record_base, "step": step, "val": m, "val_curve": curve,
                 "training_seconds": round(time.perf_counter() - t0, 1),
-                "hardware": _hardware()})
+                "hardware": hardware()})
 
     batches = None
     if loader_workers and not finished:
@@ -767,7 +404,7 @@ def train(recipe: str | Path | dict, *, out: str | Path | None = None,
         say(f"calibrating the operating point on {len(cal_ref.items)} {cal_ref.name} scan(s)")
         best_model, _ = load_checkpoint(best_path)
         best_model = best_model.to(dev)
-        meta["operating"] = calibrate(best_model, _ValSet(cal_ref, work_mm), infer_cfg,
+        meta["operating"] = calibrate(best_model, ValSet(cal_ref, work_mm), infer_cfg,
                                       surfaces=tuple(float(x) for x in
                                                      cal.get("surfaces_mm", (2.0, 0.0))),
                                       progress=say)

@@ -38,10 +38,16 @@ from scipy import ndimage
 
 from ...errors import ConfigurationError
 from . import WEIGHTS_DIR
-from .classifier import (FEATURES, CandidateClassifier, component_scales, describe_candidates,
-                         fit_classifier)
+from .checkpoint import load_checkpoint, save_checkpoint
+from .classifier import (
+    FEATURES,
+    CandidateClassifier,
+    component_scales,
+    describe_candidates,
+    fit_classifier,
+)
 from .infer import sliding_window
-from .plugin import INFER_DEFAULTS, Ours, load_checkpoint, save_checkpoint
+from .plugin import INFER_DEFAULTS, Ours
 from .postprocess import keep_candidate, parse_rules
 from .preprocess import Preprocessed, preprocess, resample_labels
 
@@ -186,7 +192,8 @@ def _score_variants(val_scans: list[ScanCandidates], val, clf: CandidateClassifi
     classifier's (``classifier``)."""
     from ...matching import get_rule
     from ...scoring import score_case
-    from .train import _lesion_frame, operating_point
+    from .calibration import operating_point
+    from .training_data import lesion_frame
 
     rule = get_rule("cmbbench")
     acc: dict[str, tuple[list, list]] = {"unet": ([], []), "classifier": ([], [])}
@@ -201,7 +208,7 @@ def _score_variants(val_scans: list[ScanCandidates], val, clf: CandidateClassifi
             for r, v in zip(rows, s):
                 r["score"] = float(v)
             native, _ = meth.to_native(sc.rebuild(s), rows, pre, postprocess=True)
-            case = score_case(scan_id=sid, lesions=_lesion_frame(lesions, sid),
+            case = score_case(scan_id=sid, lesions=lesion_frame(lesions, sid),
                               image_shape=native.shape, image_affine=affine, rule=rule,
                               ref_labels=labels, prediction=native)
             acc[name][0].append(case.table)
@@ -243,7 +250,8 @@ def train_classifier(rec: dict, *, out: str | Path | None = None,
                      progress: Callable[[str], None] | None = None) -> Path:
     """Fit and calibrate the candidate classifier of recipe ``rec`` (``stage: classifier``);
     returns the checkpoint path (see the module docstring)."""
-    from .train import _hardware, _package_path, _split_dataset, _ValSet, open_split
+    from .train import hardware, package_path
+    from .training_data import ValSet, open_split, split_dataset
 
     say = progress or (lambda m: log.info(m))
     name = str(rec["name"])
@@ -270,7 +278,7 @@ def train_classifier(rec: dict, *, out: str | Path | None = None,
     specs = _train_specs(rec)
     if dataset is not None:
         max_scans = [s.get("max_scans") for s in specs]
-        tr_ref, cal_ref = _split_dataset(dataset, seed, None if None in max_scans
+        tr_ref, cal_ref = split_dataset(dataset, seed, None if None in max_scans
                                          else sum(int(v) for v in max_scans))
         tr_refs = [tr_ref]
     else:
@@ -314,7 +322,7 @@ def train_classifier(rec: dict, *, out: str | Path | None = None,
     say(f"classifier fitted in {fit_s:.1f} s; train accuracy "
         f"{float(((p_tr > 0.5) == (y > 0)).mean()):.3f}")
 
-    val = _ValSet(cal_ref, work_mm)
+    val = ValSet(cal_ref, work_mm)
     pres = {sid: (pre, affine) for sid, pre, affine, _, _, _ in val.items}
     val_scans = _cached_candidates(model, cal_ref, out / "candidates", key, work_mm=work_mm,
                                    infer=infer, rules=rules, say=say, pres=pres)
@@ -332,9 +340,9 @@ def train_classifier(rec: dict, *, out: str | Path | None = None,
     path = out / f"{name}.pt"
     meta = {
         "recipe": {k: v for k, v in rec.items() if not k.startswith("_")},
-        "recipe_file": _package_path(rec.get("_path"), Path(__file__).parent / "recipes"),
+        "recipe_file": package_path(rec.get("_path"), Path(__file__).parent / "recipes"),
         "stage": "classifier", "seed": seed,
-        "init": {"path": _package_path(init, WEIGHTS_DIR) or str(init), "sha256": init_sha,
+        "init": {"path": package_path(init, WEIGHTS_DIR) or str(init), "sha256": init_sha,
                  "recipe": (init_meta.get("recipe") or {}).get("name")},
         "datasets": {"classifier_train": _train_record(tr_refs),
                      "calibrate": cal_ref.record()},
@@ -346,7 +354,7 @@ def train_classifier(rec: dict, *, out: str | Path | None = None,
                        "fit_seconds": round(fit_s, 1)},
         "operating": operating,
         "training_seconds": round(time.perf_counter() - t0, 1),
-        "hardware": _hardware(),
+        "hardware": hardware(),
     }
     meta["recipe"]["work_mm"] = work_mm
     meta["recipe"]["infer"] = infer
