@@ -30,9 +30,14 @@ from .geometry import voxel_sizes
 from .model import LESION_COLUMNS, SCAN_COLUMNS, ScanInfo
 from .nifti import Volume, read_volume, write_volume
 
-__all__ = ["DatasetWriter", "HarmonizedDataset", "read_csv", "read_dataset", "sha256_file"]
+__all__ = ["TABLE_FILES", "DatasetWriter", "HarmonizedDataset", "complete_lesions",
+           "dataset_record", "digest_of_checksums", "files_sha256", "read_csv", "read_dataset", "sha256_file"]
 
 LAYOUT_VERSION = "1"
+
+#: The tables of the layout, hashed by :meth:`HarmonizedDataset.content_sha256` with the files
+#: that ``dataset.json`` lists (whose checksums do not cover the tables).
+TABLE_FILES: tuple[str, ...] = ("scans.csv", "lesions.csv", "mimics.csv")
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -42,6 +47,24 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := fh.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def digest_of_checksums(checksums: dict[str, str]) -> str:
+    """Hex SHA-256 over ``relative path -> file sha256`` pairs, in sorted path order.
+
+    One line ``"<path>  <sha256>\\n"`` per file is hashed, so the digest changes when any file
+    changes, is added, removed or renamed, and does not depend on where the files lie or on the
+    order in which they were listed.
+    """
+    h = hashlib.sha256()
+    for rel in sorted(checksums):
+        h.update(f"{rel}  {checksums[rel]}\n".encode())
+    return h.hexdigest()
+
+
+def files_sha256(paths: dict[str, Path]) -> str:
+    """:func:`digest_of_checksums` of files given as ``name -> path`` (every file is read)."""
+    return digest_of_checksums({name: sha256_file(p) for name, p in paths.items()})
 
 
 def read_csv(path: Path, required: tuple[str, ...], *, dtype: dict | None = None) -> pd.DataFrame:
@@ -114,6 +137,77 @@ class HarmonizedDataset:
     def lesions_of(self, scan_id: str) -> pd.DataFrame:
         return self.lesions[self.lesions["scan_id"] == scan_id].reset_index(drop=True)
 
+    def checksum_failures(self) -> list[str]:
+        """One line per file listed in ``dataset.json``'s checksums that is missing or whose
+        bytes no longer have the recorded SHA-256 (reads every listed file)."""
+        fails = []
+        for rel, digest in sorted((self.card.get("checksums") or {}).items()):
+            path = self.root / rel
+            if not path.is_file():
+                fails.append(f"{rel}: missing")
+            elif sha256_file(path) != digest:
+                fails.append(f"{rel}: checksum differs from dataset.json")
+        return fails
+
+    def content_sha256(self, *, verify: bool = True) -> str | None:
+        """Which copy of the data this is: one SHA-256 over every file's SHA-256.
+
+        The digest (:func:`digest_of_checksums`) covers the images and label maps through the
+        checksums recorded in ``dataset.json`` and the tables (:data:`TABLE_FILES`, hashed
+        now). Two folders with the same bytes give the same digest wherever they lie; one
+        voxel or one table cell changed gives another. Runs record it (``run.json``) so that a
+        number can be traced to the exact copy it was computed on; regenerated synthetic data
+        is byte-identical only on the same numerical kernels (docs/synthetic.md, Limits).
+
+        Parameters
+        ----------
+        verify
+            Re-hash every listed file first (reads the whole dataset).
+
+        Returns
+        -------
+        str or None
+            Hex digest; None when ``dataset.json`` lists no checksums, or (with ``verify``)
+            when a listed file is missing or no longer matches its checksum.
+        """
+        checksums = dict(self.card.get("checksums") or {})
+        if not checksums:
+            return None
+        if verify and self.checksum_failures():
+            return None
+        for name in TABLE_FILES:
+            if (self.root / name).is_file():
+                checksums[name] = sha256_file(self.root / name)
+        return digest_of_checksums(checksums)
+
+
+def dataset_record(ds: HarmonizedDataset, requested_as: object) -> dict:
+    """What a run records of its dataset (``run.json``'s ``dataset``): name, version, absolute
+    path, number of scans, how it was asked for, and :meth:`HarmonizedDataset.content_sha256`.
+    """
+    return {"name": ds.name, "version": str(ds.card.get("version", "")),
+            "path": str(ds.root.resolve()), "n_scans": len(ds.scan_ids),
+            "requested_as": str(requested_as), "content_sha256": ds.content_sha256()}
+
+
+def complete_lesions(lesions: pd.DataFrame) -> pd.DataFrame:
+    """A lesion table completed to :data:`~cmbbench.model.LESION_COLUMNS`, those columns first.
+
+    Absent or empty cells become: ``location`` ``"unknown"``, ``mask_source`` ``"none"``,
+    ``n_voxels`` 0, any other column NaN; ``lesion_id`` and ``n_voxels`` are int64. Extra
+    columns are kept after the standard ones. The input is not modified.
+    """
+    out = lesions.copy()
+    for col in LESION_COLUMNS:
+        if col not in out.columns:
+            out[col] = {"location": "unknown", "mask_source": "none", "n_voxels": 0}.get(col,
+                                                                                      np.nan)
+    out["n_voxels"] = out["n_voxels"].fillna(0).astype(np.int64)
+    out["lesion_id"] = out["lesion_id"].astype(np.int64)
+    out["location"] = out["location"].fillna("unknown").astype(str)
+    out["mask_source"] = out["mask_source"].fillna("none").astype(str)
+    return out[list(LESION_COLUMNS) + [c for c in out.columns if c not in LESION_COLUMNS]]
+
 
 def read_dataset(root: str | Path) -> HarmonizedDataset:
     """Open a harmonized dataset folder.
@@ -138,14 +232,7 @@ def read_dataset(root: str | Path) -> HarmonizedDataset:
     scans = read_csv(root / "scans.csv", ("scan_id",), dtype={"scan_id": str, "subject_id": str})
     lesions = read_csv(root / "lesions.csv", ("scan_id", "lesion_id", "x_mm", "y_mm", "z_mm"),
                        dtype={"scan_id": str})
-    for col in LESION_COLUMNS:
-        if col not in lesions.columns:
-            lesions[col] = {"location": "unknown", "mask_source": "none",
-                            "n_voxels": 0}.get(col, np.nan)
-    lesions["n_voxels"] = lesions["n_voxels"].fillna(0).astype(np.int64)
-    lesions["lesion_id"] = lesions["lesion_id"].astype(np.int64)
-    lesions["location"] = lesions["location"].fillna("unknown").astype(str)
-    lesions["mask_source"] = lesions["mask_source"].fillna("none").astype(str)
+    lesions = complete_lesions(lesions)
     unknown = sorted(set(lesions["scan_id"]) - set(scans["scan_id"]))
     if unknown:
         raise UnreadableInputError(f"lesions reference unknown scan(s): {', '.join(unknown[:5])}",
@@ -153,10 +240,7 @@ def read_dataset(root: str | Path) -> HarmonizedDataset:
     mimics = None
     if (root / "mimics.csv").is_file():
         mimics = read_csv(root / "mimics.csv", ("scan_id",), dtype={"scan_id": str})
-    return HarmonizedDataset(root=root, card=card, scans=scans,
-                             lesions=lesions[list(LESION_COLUMNS) + [
-                                 c for c in lesions.columns if c not in LESION_COLUMNS]],
-                             mimics=mimics)
+    return HarmonizedDataset(root=root, card=card, scans=scans, lesions=lesions, mimics=mimics)
 
 
 @dataclass

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .dataset import HarmonizedDataset, read_dataset
+from .dataset import HarmonizedDataset, dataset_record, read_dataset
 from .errors import CmbbenchError, ConfigurationError, MissingInputError, PartialFailureError
 from .execution import Executor, MethodSpec, make_executor, worker_init
 from .methods.api import Method
@@ -118,12 +118,6 @@ def _open_dataset(dataset: str | Path | HarmonizedDataset, *, quiet: bool) -> Ha
     from .registry import resolve_dataset
 
     return read_dataset(resolve_dataset(dataset, quiet=quiet))
-
-
-def _dataset_record(ds: HarmonizedDataset, ref: object) -> dict:
-    return {"name": ds.name, "version": str(ds.card.get("version", "")),
-            "path": str(ds.root.resolve()), "n_scans": len(ds.scan_ids),
-            "requested_as": str(ref if not isinstance(ref, HarmonizedDataset) else ds.root)}
 
 
 def default_run_dir(method_name: str, dataset_name: str, rule_name: str) -> Path:
@@ -352,7 +346,9 @@ def _run(kind: str, method: str | Method | type[Method],
         rule_name = get_rule(scoring["rule"]).name  # type: ignore[index]
         out = default_run_dir(spec.name, ds.name, rule_name)
     run = RunDirectory(Path(out), predictions_subdir="predictions" if kind == "evaluate" else "")
-    config = {"kind": kind, "method": method_record, "dataset": _dataset_record(ds, dataset),
+    requested_as = ds.root if isinstance(dataset, HarmonizedDataset) else dataset
+    config = {"kind": kind, "method": method_record,
+              "dataset": dataset_record(ds, requested_as),
               "rule": None if scoring is None else scoring["rule"], "scoring": scoring,
               "seed": int(seed), "versions": versions(),
               "part": {"id": part_id, "num": num_parts},
@@ -513,7 +509,8 @@ def summary_lines(report: RunReport) -> list[str]:
     n_workers = f" ({nw} worker{'' if nw == 1 else 's'})" if nw else ""
     lines = [
         f"{report.kind}: method {m.get('name')} {m.get('version')} on {d.get('name')} "
-        f"({d.get('n_scans')} scans{part})",
+        f"({d.get('n_scans')} scans{part}; content sha256 "
+        f"{str(d.get('content_sha256'))[:12] if d.get('content_sha256') else 'unverified'})",
         f"scans: {len(report.predicted)} predicted, {len(report.resumed)} already done "
         f"(resumed), {len(report.failed)} failed; backend {b.get('backend')}{n_workers}; "
         f"{report.seconds:.1f} s",

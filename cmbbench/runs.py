@@ -45,6 +45,7 @@ import numpy as np
 import pandas as pd
 
 from . import __version__
+from .dataset import sha256_file
 from .errors import ConfigurationError, MissingInputError, UnreadableInputError
 from .execution import MethodSpec, worker_method
 from .predictions import MANIFEST_NAME
@@ -54,6 +55,7 @@ __all__ = [
     "RUN_FILE",
     "RunDirectory",
     "ScanTask",
+    "content_conflict",
     "merge_runs",
     "one_line",
     "part_scans",
@@ -94,14 +96,6 @@ def atomic_write_text(path: Path, text: str) -> Path:
 
 def _jsonable(obj: object) -> object:
     return json.loads(json.dumps(obj, sort_keys=True, default=str))
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def versions() -> dict:
@@ -148,6 +142,18 @@ def run_identity(config: dict) -> dict:
                                  "params": m.get("params", {})},
                       "dataset": {"name": d.get("name"), "version": d.get("version")},
                       "seed": config.get("seed")})
+
+
+def content_conflict(a: dict, b: dict) -> str | None:
+    """Why runs ``a`` and ``b`` (``run.json`` contents) were made on different copies of their
+    dataset, or None when they were not or one of them does not say (runs recorded before
+    ``content_sha256`` existed, or datasets without checksums)."""
+    da = (a.get("dataset") or {}).get("content_sha256")
+    db = (b.get("dataset") or {}).get("content_sha256")
+    if da and db and da != db:
+        return (f"another copy of dataset {(a.get('dataset') or {}).get('name')!r} "
+                f"(content sha256 {str(da)[:12]}... against {str(db)[:12]}...)")
+    return None
 
 
 def _describe(config: dict) -> str:
@@ -386,14 +392,21 @@ class RunDirectory:
         Raises
         ------
         ConfigurationError
-            The folder holds a run of another method, dataset, seed or kind, or files that are
-            not a cmbbench run, and ``overwrite`` is false.
+            The folder holds a run of another method, dataset, seed or kind, a run on another
+            copy of the dataset (:func:`content_conflict`), or files that are not a cmbbench
+            run, and ``overwrite`` is false.
         """
         existing = read_run_config(self.root)
         resumed = False
         if existing is not None:
-            if run_identity(existing) == run_identity(config):
+            other_copy = content_conflict(existing, config)
+            if run_identity(existing) == run_identity(config) and other_copy is None:
                 resumed = True
+            elif other_copy is not None and not overwrite:
+                raise ConfigurationError(
+                    f"the folder holds a run on {other_copy}: its predictions were made on "
+                    "other images; choose another --out or pass --overwrite to replace it",
+                    self.root)
             elif not overwrite:
                 raise ConfigurationError(
                     f"the folder holds {_describe(existing)}, not {_describe(config)}; choose "
@@ -614,7 +627,7 @@ def merge_runs(sources: list[str | Path], dest: str | Path, *,
     """Merge part run directories into ``dest`` (which may be one of them).
 
     Every source must be a run of the same kind, method (name, version, parameters), dataset and
-    seed. Valid shards are copied with their maps (map first, shard last, each atomically);
+    seed, on the same copy of the dataset (:func:`content_conflict`). Valid shards are copied with their maps (map first, shard last, each atomically);
     failure records are copied for scans that no source finished. A scan finished in ``dest``
     already is kept as it is.
 
@@ -634,6 +647,9 @@ def merge_runs(sources: list[str | Path], dest: str | Path, *,
         if run_identity(r.config) != ident:
             raise ConfigurationError(f"cannot merge {_describe(r.config)} into "
                                      f"{_describe(runs[0].config)}", r.root)
+        other_copy = content_conflict(runs[0].config, r.config)
+        if other_copy is not None:
+            raise ConfigurationError(f"cannot merge a part made on {other_copy}", r.root)
     base = runs[0].config
     out = RunDirectory(dest, predictions_subdir=base.get("predictions_subdir", "predictions"))
     config = {k: v for k, v in base.items()

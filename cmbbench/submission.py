@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from . import __version__
-from .dataset import HarmonizedDataset, read_dataset, sha256_file
+from .dataset import HarmonizedDataset, dataset_record, read_dataset, sha256_file
 from .errors import CmbbenchError, InvalidSubmissionError, StoreError
 from .geometry import affines_match, world_to_voxel
 from .nifti import read_header, read_volume, strip_nifti_suffix
@@ -556,9 +556,7 @@ def submit(pred: str | Path, dataset: str | Path, *, rule: str = "cmbbench",
                        "training_data": man.get("training_data"),
                        "test_overlap": man.get("test_overlap"),
                        "trainable": man.get("trainable")},
-            "dataset": {"name": ds.name, "version": str(ds.card.get("version", "")),
-                        "path": str(Path(ds_path).resolve()), "n_scans": len(ds.scan_ids),
-                        "requested_as": str(dataset)},
+            "dataset": dataset_record(ds, dataset),
             "rule": rule, "scoring": {"rule": rule, "rule_overrides": rule_overrides or {},
                                       "n_boot": int(n_boot), "seed": int(seed)},
             "seed": int(seed),

@@ -174,6 +174,69 @@ def test_dataset_round_trip(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
+# which copy of the data: content_sha256
+# ---------------------------------------------------------------------------------------------
+
+def _small_dataset(root: Path, seed: int = 3) -> None:
+    rng = np.random.default_rng(seed)
+    writer = DatasetWriter(root, name="COPY", version="1")
+    for sid, centre in (("a", (6, 6, 4)), ("b", (9, 5, 3))):
+        image = rng.normal(1000, 30, (16, 14, 8)).astype(np.float32)
+        labels = np.zeros(image.shape, dtype=np.uint16)
+        labels[ball(image.shape, centre, 1.5, RAS)] = 1
+        writer.add_scan(ScanInfo(scan_id=sid, sequence="SWI"), image, RAS, labels,
+                        lesions_from_labels(labels, RAS, scan_id=sid, mask_source="rater"))
+    writer.close()
+
+
+def test_content_sha256_names_the_bytes_not_the_folder(tmp_path):
+    _small_dataset(tmp_path / "one")
+    _small_dataset(tmp_path / "two")  # same seed: the same bytes in another folder
+    one, two = read_dataset(tmp_path / "one"), read_dataset(tmp_path / "two")
+    digest = one.content_sha256()
+    assert digest is not None and len(digest) == 64
+    assert two.content_sha256() == digest
+    # by hand: sorted "path  sha256" lines over the listed files and the tables
+    listed = {**one.card["checksums"],
+              **{t: sha256(tmp_path / "one" / t) for t in ("scans.csv", "lesions.csv")}}
+    lines = "".join(f"{k}  {listed[k]}\n" for k in sorted(listed))
+    assert digest == hashlib.sha256(lines.encode()).hexdigest()
+
+    # one voxel of one image changed (checksums rewritten, as a regeneration would): another copy
+    img = nib.load(tmp_path / "two" / "images" / "b.nii.gz")
+    data = np.asarray(img.dataobj).copy()
+    data[3, 3, 3] += 1.0
+    nib.save(nib.Nifti1Image(data, img.affine), tmp_path / "two" / "images" / "b.nii.gz")
+    card = json.loads((tmp_path / "two" / "dataset.json").read_text())
+    assert two.checksum_failures() == ["images/b.nii.gz: checksum differs from dataset.json"]
+    assert two.content_sha256() is None  # a file that fails its checksum: no digest
+    assert two.content_sha256(verify=False) == digest  # unverified: what the card says
+    card["checksums"]["images/b.nii.gz"] = sha256(tmp_path / "two" / "images" / "b.nii.gz")
+    (tmp_path / "two" / "dataset.json").write_text(json.dumps(card))
+    changed = read_dataset(tmp_path / "two").content_sha256()
+    assert changed is not None and changed != digest
+
+    # one table cell changed: another copy too
+    les = (tmp_path / "one" / "lesions.csv").read_text().replace("rater", "consensus", 1)
+    (tmp_path / "one" / "lesions.csv").write_text(les)
+    assert read_dataset(tmp_path / "one").content_sha256() not in (None, digest)
+
+
+def test_content_sha256_is_none_without_checksums(tmp_path):
+    _small_dataset(tmp_path / "ds")
+    card = json.loads((tmp_path / "ds" / "dataset.json").read_text())
+    del card["checksums"]
+    (tmp_path / "ds" / "dataset.json").write_text(json.dumps(card))
+    assert read_dataset(tmp_path / "ds").content_sha256() is None
+    (tmp_path / "ds" / "images" / "a.nii.gz").unlink()
+    _small_dataset(tmp_path / "ds2")
+    (tmp_path / "ds2" / "labels" / "a.nii.gz").unlink()
+    ds2 = read_dataset(tmp_path / "ds2")
+    assert ds2.checksum_failures() == ["labels/a.nii.gz: missing"]
+    assert ds2.content_sha256() is None
+
+
+# ---------------------------------------------------------------------------------------------
 # world coordinates through non-RAS affines
 # ---------------------------------------------------------------------------------------------
 

@@ -19,6 +19,7 @@ import scipy.io
 from click.testing import CliRunner
 
 from cmbbench.cli import main
+from cmbbench.dataset import read_dataset
 from cmbbench.errors import (
     CmbbenchError,
     GeometryMismatchError,
@@ -586,6 +587,8 @@ def test_verify_catches_tampering_and_bright_points(tmp_path):
     ds = prepare(card("DOU", "dou", counts={"scans": 20, "cmbs": 74}), src, tmp_path / "out")
     rep = verify_dataset(ds.root)
     assert rep.ok and any("expects 20 scans" in w for w in rep.warnings)
+    assert rep.content_sha256 == ds.content_sha256() is not None
+    assert f"content sha256: {rep.content_sha256}" in rep.lines()
     # a point dataset read without the 1-based correction (shifted by 3 voxels) is not dark
     shifted = [(c[0] + 3, c[1] + 3, c[2]) for c in C1]
     src2 = write_dou(tmp_path / "raw2", {"01": (img, LPS, shifted)})
@@ -598,6 +601,7 @@ def test_verify_catches_tampering_and_bright_points(tmp_path):
     rep3 = verify_dataset(ds.root)
     assert rep3.failures["checksums"] == [("labels/DOU-01.nii.gz: checksum differs from "
                                            "dataset.json")]
+    assert rep3.content_sha256 is None and rep3.to_dict()["content_sha256"] is None
     assert any("DOU-01.nii.gz" in f for f in rep3.failures["affines"])
 
 
@@ -638,7 +642,11 @@ def test_cli_info_prepare_verify(tmp_path, monkeypatch):
     assert "1 scans, 3 CMBs" in res.output
     res = runner.invoke(main, ["datasets", "verify", "VALDO", "--json"])
     assert res.exit_code == 0, res.output
-    assert json.loads(res.output)["ok"] is True
+    verified = json.loads(res.output)
+    assert verified["ok"] is True
+    assert verified["content_sha256"] == read_dataset(resolve_dataset("VALDO")).content_sha256()
+    res = runner.invoke(main, ["datasets", "verify", "VALDO"])
+    assert res.exit_code == 0 and f"content sha256: {verified['content_sha256']}" in res.output
     res = runner.invoke(main, ["datasets", "stats", "VALDO"])  # the statistics page
     assert res.exit_code == 0 and "- CMBs: 3;" in res.output and "| MARS location | n |" in res.output
     res = runner.invoke(main, ["datasets", "stats", "VALDO", "--json"])

@@ -613,3 +613,22 @@ def test_unknown_device_is_refused():
         with pytest.raises(ConfigurationError, match="no CUDA device"):
             _resolve_device("cuda")
     assert _resolve_device("cpu").type == "cpu"
+
+
+def test_training_record_hashes_the_split_it_read(tmp_path):
+    """``scans_sha256``: one digest over the split's image and label bytes, named as in
+    ``dataset.json`` (so it can be checked against the card's checksums), and only theirs."""
+    from cmbbench.dataset import digest_of_checksums, read_dataset
+    from cmbbench.methods.ours.training_data import DataRef, from_dataset
+
+    ds = read_dataset(_tiny_dataset(tmp_path / "tiny"))
+    ids = ds.scan_ids[:2]
+    rec = DataRef(ds.name, "0", ds.root, from_dataset(ds, ids)).record()
+    mine = {k: v for k, v in ds.card["checksums"].items() if Path(k).stem.split(".")[0] in ids}
+    assert len(mine) == 4  # two images, two label maps
+    assert rec["scans_sha256"] == digest_of_checksums(mine)
+    other = DataRef(ds.name, "0", ds.root, from_dataset(ds, ds.scan_ids[1:3])).record()
+    assert other["scans_sha256"] != rec["scans_sha256"]
+    (ds.root / "labels" / f"{ids[0]}.nii.gz").write_bytes(b"not the same bytes")
+    again = DataRef(ds.name, "0", ds.root, from_dataset(ds, ids)).record()
+    assert again["scans_sha256"] != rec["scans_sha256"]

@@ -285,10 +285,10 @@ def test_classifier_checkpoint_integrity(tmp_path):
     state = torch.load(path, weights_only=True)
     state["classifier"]["features"] = list(FEATURES[:-1]) + ["something_else"]
     torch.save(state, path)
-    from cmbbench.methods.ours.checkpoint import sha256_of
+    from cmbbench.dataset import sha256_file
 
     meta = json.loads(path.with_suffix(".json").read_text())
-    meta["sha256"] = sha256_of(path)
+    meta["sha256"] = sha256_file(path)
     path.with_suffix(".json").write_text(json.dumps(meta))
     with pytest.raises(ConfigurationError, match="other features"):
         load_ours(path)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,16 +18,18 @@ import textwrap
 import time
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
 
 import cmbbench
+from cmbbench.dataset import read_dataset, sha256_file
 from cmbbench.errors import ConfigurationError, MissingInputError, PartialFailureError
 from cmbbench.evaluation import evaluate, merge, predict_dataset
 from cmbbench.examples import make_example
 from cmbbench.nifti import read_volume
-from cmbbench.runs import RunDirectory, part_scans, scan_seed, sha256_file
+from cmbbench.runs import RunDirectory, part_scans, scan_seed
 
 # The test method lives in a module written to disk, so that a subprocess (the run that gets
 # killed) and this process run exactly the same code.
@@ -311,6 +314,7 @@ def test_run_json_records_the_run(env, tmp_path):
     assert cfg["method"]["citation"] == "cmbbench test method"
     assert cfg["dataset"]["name"] == "EXAMPLE" and cfg["dataset"]["version"] == "1"
     assert cfg["dataset"]["path"] == str(ds.root.resolve())
+    assert cfg["dataset"]["content_sha256"] == ds.content_sha256() is not None
     assert cfg["rule"] == "valdo2021" and cfg["seed"] == 11
     assert cfg["versions"]["cmbbench"] == cmbbench.__version__
     assert cfg["versions"]["numpy"] == np.__version__ and cfg["versions"]["python"]
@@ -341,6 +345,40 @@ def test_folder_with_another_methods_run_is_refused(env, tmp_path):
     assert report.complete and sorted(report.predicted) == sorted(ds.scan_ids)
     assert json.loads((out / "run.json").read_text())["method"]["name"] == "other-blob"
     assert (out / "notes.txt").read_text() == "mine"  # --overwrite removes only run files
+
+
+def _other_copy(ds, dest: Path) -> Path:
+    """A copy of ``ds`` with one voxel of its first image changed (checksum rewritten)."""
+    shutil.copytree(ds.root, dest)
+    sid = ds.scan_ids[0]
+    path = dest / "images" / f"{sid}.nii.gz"
+    img = nib.load(path)
+    data = np.asarray(img.dataobj).copy()
+    data[0, 0, 0] += 7.0
+    nib.save(nib.Nifti1Image(data, img.affine), path)
+    card = json.loads((dest / "dataset.json").read_text())
+    card["checksums"][f"images/{sid}.nii.gz"] = sha256_file(path)
+    (dest / "dataset.json").write_text(json.dumps(card))
+    return dest
+
+
+def test_a_run_on_another_copy_is_not_resumed_or_merged(env, tmp_path):
+    ds, SlowBlob = env["ds"], env["SlowBlob"]
+    other = read_dataset(_other_copy(ds, tmp_path / "copy"))
+    assert other.name == ds.name and other.content_sha256() != ds.content_sha256()
+    out = tmp_path / "run"
+    predict_dataset(SlowBlob, ds.root, out, part_id=0, num_parts=2)
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(ConfigurationError, match="another copy of dataset 'EXAMPLE'"):
+        predict_dataset(SlowBlob, other.root, out, part_id=1, num_parts=2)
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before
+    b = predict_dataset(SlowBlob, other.root, tmp_path / "b", part_id=1, num_parts=2)
+    with pytest.raises(ConfigurationError, match="cannot merge a part made on another copy"):
+        merge([out, b.run_dir], tmp_path / "m")
+    report = predict_dataset(SlowBlob, other.root, out, overwrite=True)
+    assert report.complete and not report.resumed
+    assert json.loads((out / "run.json").read_text())["dataset"]["content_sha256"] == \
+        other.content_sha256()
 
 
 def test_folder_with_unrelated_files_is_refused(env, tmp_path):

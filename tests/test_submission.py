@@ -23,6 +23,7 @@ from click.testing import CliRunner
 from store_support import write_manifest
 
 from cmbbench.cli import main as cli_main
+from cmbbench.dataset import read_dataset
 from cmbbench.errors import InvalidSubmissionError
 from cmbbench.examples import make_example
 from cmbbench.safezip import check_zip, safe_extract
@@ -204,6 +205,7 @@ def test_submit_scores_and_stores_a_scored_run(example, tmp_path, monkeypatch):
     assert run_dir.name.startswith("example@1__EXAMPLE__cmbbench__")
     cfg = json.loads((run_dir / "run.json").read_text())
     assert cfg["kind"] == "submission" and cfg["submission"]["sha256"] == rep.sha256
+    assert cfg["dataset"]["content_sha256"] == read_dataset(example[0]).content_sha256() is not None
     assert (run_dir / "results" / "aggregates.json").is_file()
     assert sorted(p.name for p in (run_dir / "predictions").glob("*.nii.gz")) == [
         f"ex0{n}.nii.gz" for n in range(1, 7)]

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from ..dataset import read_dataset, sha256_file
+from ..dataset import read_dataset
 from ..errors import MissingInputError
 from ..geometry import affines_match, voxel_sizes, voxel_to_world
 from ..nifti import read_volume
@@ -50,6 +50,9 @@ class VerifyReport:
     root: Path
     failures: dict[str, list[str]] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    #: :meth:`~cmbbench.dataset.HarmonizedDataset.content_sha256` of the verified copy; None
+    #: when a file failed its checksum or ``dataset.json`` lists none
+    content_sha256: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -63,11 +66,12 @@ class VerifyReport:
             if len(fails) > 20:
                 out.append(f"  ... and {len(fails) - 20} more")
         out += [f"warning: {w}" for w in self.warnings]
+        out.append(f"content sha256: {self.content_sha256 or 'none (no verified checksums)'}")
         return out
 
     def to_dict(self) -> dict:
         return {"root": str(self.root), "ok": self.ok, "failures": self.failures,
-                "warnings": self.warnings}
+                "warnings": self.warnings, "content_sha256": self.content_sha256}
 
 
 def _foreground(image: np.ndarray) -> np.ndarray:
@@ -126,15 +130,9 @@ def verify_dataset(root: str | Path, card: dict | None = None) -> VerifyReport:
     rep = VerifyReport(root=root)
     ds = read_dataset(root)
     meta = ds.card
-    # checksums
-    fails = []
-    for rel, digest in sorted((meta.get("checksums") or {}).items()):
-        p = root / rel
-        if not p.is_file():
-            fails.append(f"{rel}: missing")
-        elif sha256_file(p) != digest:
-            fails.append(f"{rel}: checksum differs from dataset.json")
-    rep.failures["checksums"] = fails
+    rep.failures["checksums"] = ds.checksum_failures()
+    if not rep.failures["checksums"]:
+        rep.content_sha256 = ds.content_sha256(verify=False)
     # counts
     fails = []
     if int(meta.get("n_scans", -1)) != len(ds.scans):

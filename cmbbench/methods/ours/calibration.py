@@ -17,7 +17,7 @@ import torch
 from .infer import sliding_window, tempered
 from .plugin import Ours
 from .postprocess import RULES
-from .training_data import ValSet, lesion_frame
+from .training_data import ValSet, score_native
 
 __all__ = ["calibrate", "operating_point"]
 
@@ -40,7 +40,6 @@ def calibrate(model: torch.nn.Module, val: ValSet, infer: dict, *,
     every variant's numbers, ``rules``, ``surface_mm`` and ``score``).
     """
     from ...matching import get_rule
-    from ...scoring import score_case
 
     say = progress or (lambda m: log.info(m))
     rule = get_rule("cmbbench")
@@ -57,23 +56,21 @@ def calibrate(model: torch.nn.Module, val: ValSet, infer: dict, *,
     names = [sp[0] for sp in specs]
     acc: dict[str, tuple[list, list]] = {n: ([], []) for n in names}
     t0 = time.perf_counter()
-    for sid, pre, affine, labels, lesions, seq in val.items:
+    for item in val.items:
+        pre = item[1]
         prob, logodds = sliding_window(model, pre.image, pre.mask, patch=meth.patch,
                                        overlap=meth.overlap, output="both")
         raw_of = {"prob": prob, "logit": tempered(logodds)}
-        lz = lesion_frame(lesions, sid)
         for name, surf, rules, sc in specs:
             meth._surface_mm = surf
             meth._rules = rules or RULES
             meth._score = sc
             after, rows, before = meth.postprocess_work(raw_of[sc], pre)
             pp = rules is not None
-            native, _ = meth.to_native(after if pp else before, rows, pre, postprocess=pp)
-            case = score_case(scan_id=sid, lesions=lz, image_shape=native.shape,
-                              image_affine=affine, rule=rule, ref_labels=labels,
-                              prediction=native)
-            acc[name][0].append(case.table)
-            acc[name][1].append({"scan_id": sid, "sequence": seq, **case.extras})
+            table, extras = score_native(meth, after if pp else before, rows, item, rule,
+                                         postprocess=pp)
+            acc[name][0].append(table)
+            acc[name][1].append(extras)
     ids = [i[0] for i in val.items]
     variants = {}
     score_of = {sp[0]: sp[3] for sp in specs}

@@ -5,27 +5,17 @@ weights_only=True)``; a tampered, truncated or foreign file is refused with one 
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 import torch
 
+from ...dataset import sha256_file
 from ...errors import ConfigurationError
 from .classifier import FEATURES, CandidateClassifier
 from .unet import UNet3D
 
-__all__ = ["build_model", "load_checkpoint", "load_ours", "save_checkpoint", "sha256_of",
-           "verified_record"]
-
-
-def sha256_of(path: Path) -> str:
-    """Hex sha256 of the file at ``path`` (read in 1 MiB chunks)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+__all__ = ["build_model", "load_checkpoint", "load_ours", "save_checkpoint", "verified_record"]
 
 
 def build_model(model_cfg: dict) -> UNet3D:
@@ -53,7 +43,7 @@ def save_checkpoint(model: UNet3D, path: Path, meta: dict, *,
             "features": list(FEATURES)}
     torch.save(state, tmp)
     tmp.replace(path)
-    meta = {**meta, "model": cfg, "file": path.name, "sha256": sha256_of(path),
+    meta = {**meta, "model": cfg, "file": path.name, "sha256": sha256_file(path),
             "size_bytes": path.stat().st_size}
     path.with_suffix(".json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
     return meta
@@ -80,7 +70,7 @@ def verified_record(path: Path) -> dict:
     except (json.JSONDecodeError, KeyError, TypeError):
         raise ConfigurationError("checkpoint JSON record is unreadable or has no sha256",
                                  meta_path) from None
-    actual = sha256_of(path)
+    actual = sha256_file(path)
     if actual != expected:
         raise ConfigurationError(f"checkpoint sha256 {actual[:12]}... differs from the recorded "
                                  f"{expected[:12]}...; refusing to load it", path)

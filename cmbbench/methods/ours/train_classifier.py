@@ -191,13 +191,12 @@ def _score_variants(val_scans: list[ScanCandidates], val, clf: CandidateClassifi
     """Operating points on the calibration scans with the U-Net's scores (``unet``) and the
     classifier's (``classifier``)."""
     from ...matching import get_rule
-    from ...scoring import score_case
     from .calibration import operating_point
-    from .training_data import lesion_frame
+    from .training_data import score_native
 
     rule = get_rule("cmbbench")
     acc: dict[str, tuple[list, list]] = {"unet": ([], []), "classifier": ([], [])}
-    for sc, (sid, pre, affine, labels, lesions, seq) in zip(val_scans, val.items):
+    for sc, item in zip(val_scans, val.items):
         kept = sc.rows["kept"].to_numpy(bool)
         rows = [{"i": int(r.i), "j": int(r.j), "k": int(r.k), "kept": bool(r.kept),
                  "reason": "parenchyma" if r.kept else "dropped", "score": 0.0}
@@ -207,12 +206,10 @@ def _score_variants(val_scans: list[ScanCandidates], val, clf: CandidateClassifi
             s = np.where(kept, scores, 0.0)
             for r, v in zip(rows, s):
                 r["score"] = float(v)
-            native, _ = meth.to_native(sc.rebuild(s), rows, pre, postprocess=True)
-            case = score_case(scan_id=sid, lesions=lesion_frame(lesions, sid),
-                              image_shape=native.shape, image_affine=affine, rule=rule,
-                              ref_labels=labels, prediction=native)
-            acc[name][0].append(case.table)
-            acc[name][1].append({"scan_id": sid, "sequence": seq, **case.extras})
+            table, extras = score_native(meth, sc.rebuild(s), rows, item, rule,
+                                         postprocess=True)
+            acc[name][0].append(table)
+            acc[name][1].append(extras)
     ids = [i[0] for i in val.items]
     out = {}
     for name, (tables, extras) in acc.items():

@@ -21,13 +21,14 @@ import pandas as pd
 import torch
 
 from ...errors import ConfigurationError, MissingInputError
+from ...matching import MatchRule
 from .plugin import Ours
 from .preprocess import preprocess, resample_labels
 from .sampling import Case, crop_to_brain, dark_spots
 from .synthetic_cmbs import noise_sd
 
 __all__ = ["DataRef", "ValSet", "from_dataset", "lesion_frame", "load_cases", "open_split",
-           "prep_workers", "split_dataset"]
+           "prep_workers", "score_native", "split_dataset"]
 
 log = logging.getLogger(__name__)
 
@@ -41,11 +42,31 @@ class DataRef:
 
     def record(self) -> dict:
         """What a checkpoint's JSON records of this split; data under the data home is named
-        ``$CMBBENCH_HOME/...`` (:func:`~cmbbench.registry.portable_path`)."""
+        ``$CMBBENCH_HOME/...`` (:func:`~cmbbench.registry.portable_path`).
+
+        ``scans_sha256`` (:func:`~cmbbench.dataset.files_sha256`) is one SHA-256 over the
+        bytes of the split's images and label maps, named by their path relative to the
+        dataset folder: which copy of the data a checkpoint was trained on (regenerated
+        synthetic data can differ between machines; docs/synthetic.md, Limits).
+        """
+        from ...dataset import files_sha256
         from ...registry import portable_path
 
+        files = {}
+        for _sid, image, label, *_ in self.items:
+            for path in (image, label):
+                if path is not None and Path(path).is_file():
+                    files[_relative_name(Path(path), self.root)] = Path(path)
         return {"name": self.name, "version": self.version, "path": portable_path(self.root),
-                "scan_ids": [i[0] for i in self.items]}
+                "scan_ids": [i[0] for i in self.items], "scans_sha256": files_sha256(files)}
+
+
+def _relative_name(path: Path, root: Path) -> str:
+    """``path`` relative to ``root`` (POSIX separators), or its bare name outside it."""
+    try:
+        return path.resolve().relative_to(root.resolve()).as_posix()
+    except ValueError:
+        return path.name
 
 
 def from_dataset(ds, ids: list[str]) -> list[tuple]:  # noqa: ANN001 - cmbbench.dataset.Dataset
@@ -245,7 +266,7 @@ class ValSet:
         """Aggregates with and without the location post-processing (one inference)."""
         from ...matching import MATCH_COLUMNS, get_rule
         from ...metrics import scan_table
-        from ...scoring import ScoreResult, score_case
+        from ...scoring import ScoreResult
 
         rule = get_rule("cmbbench")
         meth = Ours(postprocess=True, threshold=float(infer.get("threshold", 0.1)),
@@ -253,16 +274,12 @@ class ValSet:
                     score=infer.get("score"))
         meth.model, meth.meta = model, {}
         acc = {"with": ([], []), "without": ([], [])}
-        for sid, pre, affine, labels, lesions, seq in self.items:
-            after, rows, before = meth.predict_work(pre)
-            lz = lesion_frame(lesions, sid)
+        for item in self.items:
+            after, rows, before = meth.predict_work(item[1])
             for key, prob, pp in (("with", after, True), ("without", before, False)):
-                native, _ = meth.to_native(prob, rows, pre, postprocess=pp)
-                case = score_case(scan_id=sid, lesions=lz, image_shape=native.shape,
-                                  image_affine=affine, rule=rule, ref_labels=labels,
-                                  prediction=native)
-                acc[key][0].append(case.table)
-                acc[key][1].append({"scan_id": sid, "sequence": seq, **case.extras})
+                table, extras = score_native(meth, prob, rows, item, rule, postprocess=pp)
+                acc[key][0].append(table)
+                acc[key][1].append(extras)
         ids = [i[0] for i in self.items]
         out = {}
         for key, (tables, extras) in acc.items():
@@ -277,16 +294,33 @@ class ValSet:
 
 def lesion_frame(lesions: pd.DataFrame, sid: str) -> pd.DataFrame:
     """A dataset's lesion rows of scan ``sid`` completed to :data:`~cmbbench.model.LESION_COLUMNS`
-    (unknown location, no mask source, 0 voxels where absent), as :func:`score_case` takes them."""
-    from ...model import LESION_COLUMNS
+    (:func:`~cmbbench.dataset.complete_lesions`), as :func:`score_case` takes them."""
+    from ...dataset import complete_lesions
 
     lz = lesions.copy()
     if "scan_id" not in lz.columns:
         lz["scan_id"] = sid
-    for col in LESION_COLUMNS:
-        if col not in lz.columns:
-            lz[col] = {"location": "unknown", "mask_source": "none",
-                       "n_voxels": 0}.get(col, np.nan)
-    lz["n_voxels"] = lz["n_voxels"].fillna(0).astype(np.int64)
-    lz["lesion_id"] = lz["lesion_id"].astype(np.int64)
-    return lz[list(LESION_COLUMNS) + [c for c in lz.columns if c not in LESION_COLUMNS]]
+    return complete_lesions(lz)
+
+
+def score_native(meth: Ours, work_map: np.ndarray, rows: list[dict], item: tuple,
+                 rule: MatchRule, *, postprocess: bool) -> tuple[pd.DataFrame, dict]:
+    """Score a working-grid map of one :attr:`ValSet.items` scan on its native grid.
+
+    ``work_map`` (working-grid ``[i, j, k]`` voxels) and its candidate ``rows`` are brought
+    back to the scan's native grid by :meth:`Ours.to_native` and matched against the
+    reference (lesion table and label map) under ``rule`` by :func:`~cmbbench.scoring.score_case`.
+
+    Returns
+    -------
+    (table, extras)
+        The scan's match table and its per-scan row (``scan_id``, ``sequence`` and the
+        case's extras) for :func:`~cmbbench.metrics.scan_table`.
+    """
+    from ...scoring import score_case
+
+    sid, pre, affine, labels, lesions, seq = item
+    native, _ = meth.to_native(work_map, rows, pre, postprocess=postprocess)
+    case = score_case(scan_id=sid, lesions=lesion_frame(lesions, sid), image_shape=native.shape,
+                      image_affine=affine, rule=rule, ref_labels=labels, prediction=native)
+    return case.table, {"scan_id": sid, "sequence": seq, **case.extras}
