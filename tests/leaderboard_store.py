@@ -27,6 +27,9 @@ from cmbbench.store.engine import ensure_schema, set_meta, write_transaction, wr
 SCRIPT_NAME = "<script>alert(1)</script>"
 SYNTH = "SYNTH-mini-v1"
 DOU = "DOU-v1"
+#: content digests of two copies of the synthetic dataset (the board's runs use COPY_A)
+COPY_A = "a" * 8 + "0123456789abcdef" * 3 + "b" * 8
+COPY_B = "c" * 8 + "fedcba9876543210" * 3 + "d" * 8
 SHAPE = (32, 32, 12)
 AFFINE = np.diag([1.0, 1.0, 2.0, 1.0])
 SCANS = [  # scan_id, sequence, field T, slice thickness mm
@@ -120,13 +123,16 @@ def _curves(run_id: str, v: float) -> list[dict]:
 
 
 def _run(run_id: str, method_id: str, dataset_id: str, rule_id: str, tier: str,
-         n_scans: int, imported_at: str, split: str = "test") -> dict:
+         n_scans: int, imported_at: str, split: str = "test",
+         data_sha256: str | None = None) -> dict:
+    config = {} if data_sha256 is None else {"dataset": {"content_sha256": data_sha256}}
     return {"run_id": run_id, "method_id": method_id, "dataset_id": dataset_id,
             "split": split, "rule_id": rule_id, "tier": tier, "status": "complete",
             "operating_threshold": 0.5, "n_scans": n_scans,
             "run_dir": None if tier == "reported" else f"/runs/{run_id}",
-            "cmbbench_version": "0.1.0", "versions_json": "{}", "config_json": "{}",
-            "created_at": imported_at, "imported_at": imported_at}
+            "cmbbench_version": "0.1.0", "versions_json": "{}",
+            "config_json": json.dumps(config), "created_at": imported_at,
+            "imported_at": imported_at}
 
 
 def build_store(root: Path) -> str:
@@ -159,8 +165,10 @@ def build_store(root: Path) -> str:
     for n, (method_id, f1) in enumerate(F1.items()):
         run_id = f"synth{n:02d}"
         tier = "scored" if method_id.startswith("<") else "reproduced"
+        # the scored run was recorded before content digests existed
         runs.append(_run(run_id, method_id, SYNTH, "cmbbench@1", tier, len(SCANS),
-                         f"2026-01-0{n + 1}T00:00:00+00:00"))
+                         f"2026-01-0{n + 1}T00:00:00+00:00",
+                         data_sha256=None if tier == "scored" else COPY_A))
         aggs += _overall(run_id, f1, fp_scan[method_id], len(SCANS)) + _strata(run_id, f1[0])
         curves += _curves(run_id, f1[0])
         for s, *_ in SCANS:

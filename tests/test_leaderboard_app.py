@@ -12,7 +12,7 @@ import pytest
 
 st = pytest.importorskip("streamlit", reason="the [leaderboard] extra is not installed")
 from click.testing import CliRunner
-from leaderboard_store import DOU, SCRIPT_NAME, SYNTH, build_store
+from leaderboard_store import COPY_A, COPY_B, DOU, SCRIPT_NAME, SYNTH, build_store
 from streamlit.testing.v1 import AppTest
 
 from cmbbench.cli import main
@@ -290,10 +290,12 @@ def test_an_import_shows_up_without_restarting_the_app(monkeypatch, tmp_path):
     from cmbbench.store import schema, write_transaction, writer_engine
     from cmbbench.store.engine import set_meta
 
+    assert not at.warning  # every run that recorded a digest used one copy
     engine = writer_engine(url)
     with write_transaction(engine) as conn:
         conn.execute(schema.runs.insert(), [_run("late", "ours@0.1", SYNTH, "cmbbench@1",
-                                                 "scored", 4, "2026-02-01T00:00:00+00:00")])
+                                                 "scored", 4, "2026-02-01T00:00:00+00:00",
+                                                 data_sha256=COPY_B)])
         conn.execute(schema.aggregates.insert(), _overall("late", (0.9, 0.85, 0.95), 0.1, 4))
         set_meta(conn, "updated_at", "2026-02-01T00:00:00+00:00")
     engine.dispose()
@@ -301,6 +303,11 @@ def test_an_import_shows_up_without_restarting_the_app(monkeypatch, tmp_path):
     df = table(at, "leaderboard_table")
     assert len(df) == 5
     assert df["Tier"].iloc[0] == "scored" and df["F1"].iloc[0].startswith("0.900")
+    assert df["Data copy"].iloc[0] == COPY_B[:12]
+    # the new run used another copy of the dataset: the board says so, naming both copies
+    (warning,) = at.warning
+    assert "2 different copies" in warning.value
+    assert COPY_A[:12] in warning.value and f"{COPY_B[:12]} (ours@0.1)" in warning.value
 
 
 def test_streamlit_run_db_argument(monkeypatch):

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner
-from leaderboard_store import DOU, SCRIPT_NAME, SYNTH, build_store
+from leaderboard_store import COPY_A, COPY_B, DOU, SCRIPT_NAME, SYNTH, build_store
 
 from cmbbench.cli import main
 from cmbbench.leaderboard import queries
@@ -20,6 +20,8 @@ from cmbbench.leaderboard.cli import streamlit_command
 from cmbbench.leaderboard.slices import MARKERS, SliceView, finding_voxels, image_path, render_slice
 from cmbbench.leaderboard.tables import (
     Board,
+    copies_warning,
+    data_copies,
     display_frame,
     format_ci,
     leaderboard_frame,
@@ -137,6 +139,25 @@ def test_display_frame_is_text_with_safe_links(tables):
     assert shown.loc[0, "F1 per scan (mean ± SD)"] == "0.590 ± 0.220"
     frame = leaderboard_frame(runs, agg, BOARD).assign(paper_url="javascript:alert(1)")
     assert display_frame(frame)["Paper"].isna().all()
+
+
+def test_data_copy_column_and_warning(tables):
+    runs, agg = tables
+    frame = leaderboard_frame(runs, agg, BOARD)
+    # reproduced runs recorded COPY_A; the scored run predates digests
+    assert data_copies(frame) == {COPY_A: ["bian2013@1.0", "ours@0.1", "log@1.0"]}
+    assert copies_warning(frame) is None
+    shown = display_frame(frame).set_index("Method")["Data copy"]
+    assert shown["ours"] == COPY_A[:12] and shown[SCRIPT_NAME] == "—"
+    other = frame.copy()
+    other.loc[other["method_name"] == "log", "data_sha256"] = COPY_B
+    warning = copies_warning(other)
+    assert warning is not None and "2 different copies" in warning
+    assert f"{COPY_A[:12]} (bian2013@1.0, ours@0.1)" in warning
+    assert f"{COPY_B[:12]} (log@1.0)" in warning
+    assert queries.content_digest('{"dataset": {"content_sha256": "ab"}}') == "ab"
+    assert queries.content_digest("{}") is None and queries.content_digest("not json") is None
+    assert queries.content_digest(None) is None and queries.content_digest("[1]") is None
 
 
 def test_strata_frame_orders_size_bins(tables):

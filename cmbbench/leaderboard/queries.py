@@ -12,6 +12,7 @@ with the store names of :mod:`cmbbench.metric_definitions` (``precision``, ``ap`
 
 from __future__ import annotations
 
+import json
 import logging
 
 import pandas as pd
@@ -30,6 +31,7 @@ __all__ = [
     "TIERS",
     "StoreUnavailable",
     "connect",
+    "content_digest",
     "display_url",
     "load_aggregates",
     "load_curves",
@@ -115,11 +117,13 @@ def revision(engine: Engine) -> str:
 
 
 def load_runs(engine: Engine) -> pd.DataFrame:
-    """Every run with its method, dataset and (for reported rows) citation columns."""
-    return _frame(engine, """
+    """Every run with its method, dataset and (for reported rows) citation columns, and
+    ``data_sha256``: the content digest of the dataset copy the run used (``run.json``'s
+    ``dataset.content_sha256``, kept in ``config_json``; None where the run recorded none)."""
+    frame = _frame(engine, """
         SELECT r.run_id, r.method_id, r.dataset_id, r.split, r.rule_id, r.tier, r.status,
                r.operating_threshold, r.n_scans, r.run_dir, r.cmbbench_version, r.created_at,
-               r.imported_at,
+               r.imported_at, r.config_json,
                m.name AS method_name, m.version AS method_version, m.citation AS method_citation,
                m.paper_url, m.code_url, m.training_data, m.test_overlap,
                d.name AS dataset_name, d.synthetic AS dataset_synthetic,
@@ -130,6 +134,20 @@ def load_runs(engine: Engine) -> pd.DataFrame:
         LEFT JOIN datasets d ON d.dataset_id = r.dataset_id
         LEFT JOIN reported p ON p.run_id = r.run_id
         ORDER BY r.dataset_id, r.rule_id, r.method_id, r.imported_at""")
+    frame["data_sha256"] = [content_digest(c) for c in frame["config_json"]]
+    return frame.drop(columns="config_json")
+
+
+def content_digest(config_json: object) -> str | None:
+    """``dataset.content_sha256`` of a run's stored ``config_json`` (None when absent or the
+    text is not a JSON object)."""
+    try:
+        cfg = json.loads(config_json) if isinstance(config_json, str) else None
+    except ValueError:
+        return None
+    dataset = cfg.get("dataset") if isinstance(cfg, dict) else None
+    digest = dataset.get("content_sha256") if isinstance(dataset, dict) else None
+    return str(digest) if digest else None
 
 
 def load_methods(engine: Engine) -> pd.DataFrame:

@@ -29,12 +29,15 @@ from ..metric_definitions import by_key
 from .queries import RANKED_TIERS
 
 __all__ = [
+    "DIGEST_SHOWN",
     "MEAN_SD",
     "SIZE_BIN_ORDER",
     "STRATA",
     "TABLE_METRICS",
     "Board",
     "board_runs",
+    "copies_warning",
+    "data_copies",
     "dataset_strata_frame",
     "display_frame",
     "format_ci",
@@ -158,7 +161,36 @@ def _wide(aggregates: pd.DataFrame, run_ids: list[str]) -> pd.DataFrame:
 
 
 _RUN_COLUMNS = ["run_id", "method_id", "method_name", "method_version", "tier", "status",
-                "split", "n_scans", "paper_url", "code_url", "method_citation"]
+                "split", "n_scans", "paper_url", "code_url", "method_citation", "data_sha256"]
+
+#: hex digits of a dataset copy's content digest shown in the table
+DIGEST_SHOWN = 12
+
+
+def data_copies(frame: pd.DataFrame) -> dict[str, list[str]]:
+    """The dataset copies a board's rows were computed on: content digest (``data_sha256``)
+    -> method ids, for the rows that recorded one. More than one key means the ranked
+    numbers come from different images of the "same" dataset (regenerated synthetic data can
+    differ between machines; docs/synthetic.md, Limits)."""
+    if "data_sha256" not in frame.columns:
+        return {}
+    out: dict[str, list[str]] = {}
+    for digest, method in zip(frame["data_sha256"], frame["method_id"]):
+        if isinstance(digest, str) and digest:
+            out.setdefault(digest, []).append(str(method))
+    return out
+
+
+def copies_warning(frame: pd.DataFrame) -> str | None:
+    """One line saying which rows of a board were computed on which dataset copy, when they
+    were computed on more than one; None otherwise (rows without a digest are not counted)."""
+    copies = data_copies(frame)
+    if len(copies) < 2:
+        return None
+    parts = [f"{d[:DIGEST_SHOWN]} ({', '.join(sorted(m))})" for d, m in sorted(copies.items())]
+    return (f"These rows were computed on {len(copies)} different copies of the dataset "
+            f"(content sha256 {'; '.join(parts)}): their numbers come from different images "
+            "and are not strictly comparable.")
 
 
 def leaderboard_frame(runs: pd.DataFrame, aggregates: pd.DataFrame, board: Board, *,
@@ -270,6 +302,8 @@ def display_frame(frame: pd.DataFrame) -> pd.DataFrame:
                                                                                 r.get(sd))
         n = _num(r.get("n_scans"))
         row["Scans"] = "—" if math.isnan(n) else str(int(n))
+        digest = r.get("data_sha256")
+        row["Data copy"] = digest[:DIGEST_SHOWN] if isinstance(digest, str) and digest else "—"
         row["Paper"] = safe_url(r.get("paper_url"))
         row["Code"] = safe_url(r.get("code_url"))
         row["Run"] = str(r.get("run_id"))

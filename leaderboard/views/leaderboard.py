@@ -12,6 +12,7 @@ from cmbbench.leaderboard.tables import (
     MEAN_SD,
     TABLE_METRICS,
     board_runs,
+    copies_warning,
     display_frame,
     format_ci,
     leaderboard_frame,
@@ -52,6 +53,9 @@ frame = leaderboard_frame(runs, aggregates, board, tiers=tiers, rank_metric=rank
 if frame.empty:
     st.info("No ranked run for this dataset, rule, split and tier selection.")
 else:
+    warning = copies_warning(frame)
+    if warning:
+        st.warning(warning)
     shown = display_frame(frame)
     st.dataframe(shown, hide_index=True, key="leaderboard_table",
                  column_config={"Paper": st.column_config.LinkColumn("Paper"),
@@ -60,7 +64,9 @@ else:
     st.caption(
         f"{len(frame)} ranked rows, ranked by {defs[rank_metric].label} ({direction} is "
         "better). Cells: value [95% bootstrap CI over scans]; per-scan columns: mean ± SD. "
-        "Rank interval: the ranks the CIs allow (rows whose CIs overlap may swap).")
+        "Rank interval: the ranks the CIs allow (rows whose CIs overlap may swap). "
+        "Data copy: the first hex digits of the content sha256 of the dataset files the row "
+        "was computed on (`cmbbench datasets verify` prints yours).")
     st.download_button("Download CSV (numbers with CI bounds)",
                        frame.to_csv(index=False).encode(), file_name="leaderboard.csv",
                        mime="text/csv", key="download_csv")
