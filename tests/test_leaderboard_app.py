@@ -16,6 +16,7 @@ from leaderboard_store import COPY_A, COPY_B, DOU, SCRIPT_NAME, SYNTH, build_sto
 from streamlit.testing.v1 import AppTest
 
 from cmbbench.cli import main
+from cmbbench.dataset import read_dataset
 from cmbbench.metric_definitions import DEFINITIONS, render_markdown
 
 REPO = Path(__file__).resolve().parents[1]
@@ -271,6 +272,8 @@ def test_a_real_evaluate_run_shows_up(monkeypatch, tmp_path):
     df = table(at, "leaderboard_table")
     assert list(df["Method"]) == ["log"] and list(df["Tier"]) == ["reproduced"]
     assert df["F1"].str.match(CI_CELL).all()
+    digest = read_dataset(tmp_path / "ex" / "reference").content_sha256()
+    assert list(df["Data copy"]) == [digest[:12]]
     at = goto(at, "drilldown")
     assert len(at.get("image")) == 1
     assert len(table(at, "drill_matches")) > 0

@@ -1,8 +1,12 @@
 """Assemble synthetic scans: anatomy + acquisition + CMBs + mimics + noise, and write datasets.
 
 One scan (:func:`generate_scan`) is a pure function of ``(recipe, index)``: the RNG is
-``numpy.random.default_rng([recipe.seed, index])``, so the same recipe gives byte-identical files
-and scans can be generated in any order, in parallel, or resumed.
+``numpy.random.default_rng([recipe.seed, index])``, so on one machine the same recipe gives
+byte-identical files and scans can be generated in any order, in parallel, or resumed. Across
+machines, BLAS kernels chosen by processor (OpenBLAS SkylakeX vs Haswell) and numpy/scipy versions
+change the last bits of the anatomy's coordinates, which can move a discrete draw and with it the
+rest of a scan's random stream: label maps have come out identical, images not (docs/synthetic.md,
+Limits). :meth:`cmbbench.dataset.HarmonizedDataset.content_sha256` names the copy a run used.
 
 Pipeline of a scan
 ------------------
@@ -285,7 +289,8 @@ def generate_scan(recipe: SynthRecipe, index: int, *, atlas: anatomy.Atlas | Non
     changing the subject; ``n_cmb`` in it forces the number of CMBs (benchmarks, figures).
     """
     # BLAS results depend in the last bits on the thread count, and nearest-neighbour label
-    # sampling can flip on such bits: one thread makes scans byte-identical everywhere.
+    # sampling can flip on such bits: one thread makes scans byte-identical on one machine. The
+    # kernels OpenBLAS picks per processor still differ in those bits (docs/synthetic.md, Limits).
     with threadpool_limits(limits=1):
         return _generate_scan(recipe, index, atlas=atlas, overrides=overrides)
 
