@@ -31,7 +31,8 @@ from .model import LESION_COLUMNS, SCAN_COLUMNS, ScanInfo
 from .nifti import Volume, read_volume, write_volume
 
 __all__ = ["TABLE_FILES", "DatasetWriter", "HarmonizedDataset", "complete_lesions",
-           "dataset_record", "digest_of_checksums", "files_sha256", "read_csv", "read_dataset", "sha256_file"]
+           "dataset_record", "digest_of_checksums", "files_sha256", "read_csv", "read_dataset",
+           "sha256_file"]
 
 LAYOUT_VERSION = "1"
 
@@ -197,11 +198,11 @@ def complete_lesions(lesions: pd.DataFrame) -> pd.DataFrame:
     ``n_voxels`` 0, any other column NaN; ``lesion_id`` and ``n_voxels`` are int64. Extra
     columns are kept after the standard ones. The input is not modified.
     """
+    defaults = {"location": "unknown", "mask_source": "none", "n_voxels": 0}
     out = lesions.copy()
     for col in LESION_COLUMNS:
         if col not in out.columns:
-            out[col] = {"location": "unknown", "mask_source": "none", "n_voxels": 0}.get(col,
-                                                                                      np.nan)
+            out[col] = defaults.get(col, np.nan)
     out["n_voxels"] = out["n_voxels"].fillna(0).astype(np.int64)
     out["lesion_id"] = out["lesion_id"].astype(np.int64)
     out["location"] = out["location"].fillna("unknown").astype(str)
