@@ -1,7 +1,8 @@
 """Checkpoints of "ours": a ``.pt`` file (U-Net state dict and config, optionally the
 second-stage candidate classifier) with a JSON record beside it that holds its sha256.
-Loading checks that sha256 first and reads the weights with ``torch.load(...,
-weights_only=True)``; a tampered, truncated or foreign file is refused with one line."""
+Loading checks that sha256 first, then reads the weights with
+``torch.load(..., weights_only=True)``; a tampered, truncated or foreign file is refused with
+one line."""
 
 from __future__ import annotations
 
