@@ -203,10 +203,10 @@ def complete_lesions(lesions: pd.DataFrame) -> pd.DataFrame:
     for col in LESION_COLUMNS:
         if col not in out.columns:
             out[col] = defaults.get(col, np.nan)
-    out["n_voxels"] = out["n_voxels"].fillna(0).astype(np.int64)
+    out["n_voxels"] = out["n_voxels"].fillna(defaults["n_voxels"]).astype(np.int64)
     out["lesion_id"] = out["lesion_id"].astype(np.int64)
-    out["location"] = out["location"].fillna("unknown").astype(str)
-    out["mask_source"] = out["mask_source"].fillna("none").astype(str)
+    for col in ("location", "mask_source"):
+        out[col] = out[col].fillna(defaults[col]).astype(str)
     return out[list(LESION_COLUMNS) + [c for c in out.columns if c not in LESION_COLUMNS]]
 
 
